@@ -1,0 +1,32 @@
+"""The ``tilt`` command. Each command group lives in its own module and adds its parser here."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tilt.cli import lab
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tilt",
+        description="Align language models by treating fine-tuning as Bayesian inference toward the tilted target "
+        "pi*(y|x) ∝ pi_ref(y|x) exp(Phi(r(x,y))/beta).",
+        epilog="Start with `tilt lab kl-rl`: a small world where the target is known exactly.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    lab.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"tilt: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Printing results: JSON for machines, aligned tables for people."""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Sequence
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value == 0 or (1e-3 <= abs(value) < 1e4):
+            return f"{value:.4f}"
+        return f"{value:.3e}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [list(map(str, headers))] + [[fmt(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))

@@ -1,0 +1,72 @@
+"""KL estimators k1, k2, k3 (Schulman 2020, "Approximating KL divergence"), per token and per sequence.
+
+All estimate KL(pi || pi_ref) from samples y ~ pi, through the log-ratio ``log pi(y) - log pi_ref(y)``.
+With ``rho = pi_ref / pi`` (so ``log rho = -log_ratio``):
+
+    k1 = -log rho = log_ratio
+    k2 = (log rho)^2 / 2
+    k3 = (rho - 1) - log rho
+
+Value (is E_pi[k] equal to KL(pi||pi_ref)?):
+  * k1: unbiased, high variance, can be negative on one sample.
+  * k2: biased (it is a second-order approximation), never negative, low variance.
+  * k3: unbiased and never negative; low variance when pi is close to pi_ref.
+
+Gradient, when the estimate is used as a *penalty inside the reward* (detached, multiplied by the score
+function ∇log pi(y)):
+  * k1 in the reward gives the exact gradient of KL(pi||pi_ref): E_pi[k1 ∇log pi] = ∇KL, because the extra
+    term E_pi[∇k1] = E_pi[∇log pi] is zero. This is the classical KL-shaped reward r - beta*log(pi/pi_ref).
+  * k2 or k3 in the reward: the value is right on average (k3) or nearly (k2), but the score-function
+    gradient is not the gradient of KL(pi||pi_ref).
+
+Gradient, when the estimate is *added to the loss* and differentiated through log pi (pathwise, samples fixed):
+  * k1 in the loss: E_pi[∇k1] = E_pi[∇log pi] = 0. Useless as a penalty.
+  * k2 in the loss, per sequence: E_pi[log_ratio ∇log pi] = ∇KL(pi||pi_ref), the exact gradient.
+    Per token and summed, it drops the effect of early tokens on later tokens' KL and is biased.
+  * k3 in the loss, per sequence: E_pi[(1 - rho) ∇log pi] = ∇KL(pi_ref||pi), the gradient of the *forward*
+    KL, not of the reverse KL being estimated. Per token, likewise per position (GRPO's choice).
+
+The tests in ``tests/test_kl.py`` check each of these statements by exact enumeration in the lab.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def k1(log_ratio: Tensor) -> Tensor:
+    """k1 = log pi - log pi_ref, elementwise. ``log_ratio``: any shape. Unbiased for the value."""
+    return log_ratio
+
+
+def k2(log_ratio: Tensor) -> Tensor:
+    """k2 = (log pi - log pi_ref)^2 / 2, elementwise. Biased value; its pathwise gradient is ∇KL(pi||pi_ref)
+    when applied to the sequence log-ratio."""
+    return 0.5 * log_ratio.square()
+
+
+def k3(log_ratio: Tensor) -> Tensor:
+    """k3 = exp(-log_ratio) - 1 + log_ratio, elementwise. Unbiased and non-negative."""
+    return torch.expm1(-log_ratio) + log_ratio
+
+
+def token_kl(estimator, token_logprobs: Tensor, ref_token_logprobs: Tensor, completion_mask: Tensor) -> Tensor:
+    """Per-token KL estimates summed over the counted tokens of each sequence.
+
+    token_logprobs, ref_token_logprobs: (B, T); completion_mask: (B, T) bool, True where a token counts.
+    Returns (B,), not reduced over the batch. For k1 this equals ``sequence_kl(k1, ...)``.
+    """
+    log_ratio = token_logprobs - ref_token_logprobs  # (B, T)
+    return torch.where(completion_mask, estimator(log_ratio), 0.0).sum(-1)
+
+
+def sequence_kl(estimator, seq_logprobs: Tensor, ref_seq_logprobs: Tensor) -> Tensor:
+    """The estimator applied once to the sequence log-ratio log pi(y) - log pi_ref(y).
+
+    seq_logprobs, ref_seq_logprobs: (B,). Returns (B,), not reduced.
+    """
+    return estimator(seq_logprobs - ref_seq_logprobs)
+
+
+KL_ESTIMATORS = {"k1": k1, "k2": k2, "k3": k3}
+"""Names a config may give; the map is read once, at the top of a recipe."""

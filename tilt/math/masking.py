@@ -1,0 +1,24 @@
+"""Masked reductions. Every mask is True where a token counts."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def masked_sum(values: Tensor, mask: Tensor) -> Tensor:
+    """Sum of ``values`` (B, T) over the last axis where ``mask`` (B, T) is True. Returns (B,)."""
+    return torch.where(mask, values, 0.0).sum(-1)
+
+
+def completion_mask_from_eos(completion_ids: Tensor, eos_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """The one masking convention: tokens up to and including the first EOS count, nothing after it.
+
+    completion_ids: (B, T) long; eos_ids: (E,) long, the ids that end a completion.
+    Returns ``(completion_mask (B, T) bool, truncated (B,) bool)``; ``truncated`` is True where no EOS
+    appears, i.e. the completion was cut at the length limit.
+    """
+    is_eos = torch.isin(completion_ids, eos_ids)  # (B, T)
+    eos_before = is_eos.long().cumsum(-1) - is_eos.long()  # number of EOS strictly before t
+    completion_mask = eos_before == 0
+    truncated = ~is_eos.any(-1)
+    return completion_mask, truncated

@@ -1,0 +1,1 @@
+"""Recipes: one algorithm, one readable loop, importable as ``train(config, ...)``. Only the CLI imports them."""

@@ -1,0 +1,58 @@
+"""Orchestration shared by recipes: batching prompts, seeding, building the optimizer. No math here."""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+def prompt_indices(num_prompts: int, step: int, prompts_per_step: int, seed: int) -> list[int]:
+    """The prompts of a step, as indices: epochs of a seeded permutation, read in order.
+
+    A pure function of ``step``, so a resumed run reads exactly the prompts the uninterrupted run would.
+    """
+    out, perms = [], {}
+    start = step * prompts_per_step
+    for pos in range(start, start + prompts_per_step):
+        epoch, offset = divmod(pos, num_prompts)
+        if epoch not in perms:
+            g = torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch))
+            perms[epoch] = torch.randperm(num_prompts, generator=g)
+        out.append(int(perms[epoch][offset]))
+    return out
+
+
+def derive_seed(seed: int, *parts) -> int:
+    """A 63-bit seed from a base seed and any labels, stable across processes and Python versions."""
+    text = ":".join(str(p) for p in (seed, *parts)).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
+
+
+def step_generator(seed: int, step: int, label: str = "sample") -> torch.Generator:
+    """The sampling generator of one step: depends only on (seed, step), so resuming needs no RNG state."""
+    return torch.Generator().manual_seed(derive_seed(seed, label, step))
+
+
+def build_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    """``adamw`` (torch defaults, no weight decay) or ``sgd`` (plain)."""
+    params = [p for p in params if p.requires_grad]
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {name!r}")
+
+
+def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int = 0) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based): linear warm-up, then constant or linear
+    decay that reaches 0 after the last step. A pure function of the step, so resuming needs no scheduler state."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "linear":
+        return max(0.0, 1.0 - step / max(total_steps, 1))
+    return 1.0
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

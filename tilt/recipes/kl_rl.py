@@ -1,0 +1,224 @@
+"""KL-regularised policy gradient: REINFORCE with a leave-one-out baseline (RLOO), or PPO-clip.
+
+Objective (Korbak, Perez, Buckley 2022, §2; digest §1.1):
+
+    maximise J_KL(pi) = E_{x, y~pi}[r(x, y)] - beta * KL(pi(.|x) || pi_ref(.|x))
+
+whose maximiser is the tilted target pi* ∝ pi_ref * exp(r / beta), so that J_KL(pi) = beta log Z - beta KL(pi || pi*):
+this recipe is variational inference toward pi*. With beta = 0 it is pure RL, whose optimum is a point mass
+on the reward's argmax (distribution collapse).
+
+Estimator, per step: P prompts, K samples each, y ~ pi (the current policy).
+  * KL in the reward (default, ``kl_penalty="reward"``): r' = r - beta * (log pi(y) - log pi_ref(y)) with the
+    sequence log-ratio (k1, detached); advantage A = r' minus the mean r' of the other K-1 samples of the same
+    prompt; loss = -A * log pi(y). This is the exact score-function gradient of J_KL (digest §1.3), with zero
+    variance at the optimum, where r' ≡ beta log Z.
+  * KL in the loss (``kl_penalty="loss"``): A from the raw reward; loss = -A log pi(y) + beta * k(y) with the
+    estimator ``kl_estimator`` differentiated through log pi. Only sequence-level k2 gives the exact
+    gradient of KL(pi || pi_ref); see ``tilt.math.kl`` for what the others estimate.
+  * PPO-clip (``ppo_epochs > 1``): the same advantages, several passes over the batch with the clipped
+    per-token ratio surrogate (Schulman et al. 2017). The first pass equals REINFORCE.
+
+Departures from the papers: the baseline is leave-one-out (Ahmadian et al. 2024), not a learned value
+function, and there is no adaptive KL controller (beta is fixed). Loss reduction: mean over the sequences
+of the step, whatever the micro-batch split (tests check the split does not change the gradient).
+
+The recipe sees only the ``Policy`` protocol, so it runs unchanged on Hugging Face models and in the lab.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from tilt.math.kl import KL_ESTIMATORS, sequence_kl, token_kl
+from tilt.math.masking import masked_sum
+from tilt.math.pg import kl_shaped_reward, leave_one_out_advantage, ppo_clip_loss, reinforce_loss
+from tilt.recipes.common import build_optimizer, lr_factor, prompt_indices, set_lr, step_generator
+from tilt.rewards import RewardFn, score_rewards
+from tilt.rollout import Policy, Rollout
+
+
+@dataclass(frozen=True)
+class KLRLConfig:
+    """Configuration of KL-regularised RL. Batch semantics: each step draws ``prompts_per_step`` prompts and
+    ``samples_per_prompt`` completions of each; a step therefore holds prompts_per_step * samples_per_prompt
+    sequences."""
+
+    beta: float = field(default=0.05, metadata={"help": "KL coefficient; 0 is pure RL. 0.05 is TRL's RLOO default."})
+    steps: int = field(default=100, metadata={"help": "number of optimisation steps (one fresh batch each)"})
+    prompts_per_step: int = field(default=8, metadata={"help": "prompts drawn per step"})
+    samples_per_prompt: int = field(
+        default=4, metadata={"help": "completions per prompt (K >= 2 for the leave-one-out baseline); 4 as in Ahmadian et al. 2024"}
+    )
+    lr: float = field(default=1e-5, metadata={"help": "learning rate"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw or sgd"})
+    lr_schedule: str = field(default="constant", metadata={"help": "'constant' or 'linear' (decay to 0 at the last step)"})
+    warmup_steps: int = field(default=0, metadata={"help": "steps of linear warm-up from 0 to lr"})
+    kl_penalty: str = field(default="reward", metadata={"help": "'reward': k1 in the shaped reward (exact); 'loss': estimator added to the loss"})
+    kl_estimator: str = field(default="k1", metadata={"help": "k1, k2 or k3; used with kl_penalty=loss (the reward always uses k1)"})
+    kl_level: str = field(default="sequence", metadata={"help": "with kl_penalty=loss: 'sequence' (estimator on the summed log-ratio) or 'token' (summed per-token estimates)"})
+    ppo_epochs: int = field(default=1, metadata={"help": "passes over each batch; 1 = REINFORCE, >1 = PPO-clip"})
+    clip_eps: float = field(default=0.2, metadata={"help": "PPO ratio clip; 0.2 as in Schulman et al. 2017"})
+    micro_batch_size: int = field(default=0, metadata={"help": "sequences per forward/backward pass; 0 = the whole step at once"})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "clip the gradient norm to this; 0 = no clipping"})
+    seed: int = field(default=0, metadata={"help": "seed of prompt order and sampling"})
+
+    def __post_init__(self):
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.samples_per_prompt < 2:
+            raise ValueError("samples_per_prompt must be >= 2: the leave-one-out baseline needs two samples of a prompt")
+        if self.prompts_per_step < 1 or self.steps < 0:
+            raise ValueError("prompts_per_step must be >= 1 and steps >= 0")
+        if self.kl_penalty not in ("reward", "loss"):
+            raise ValueError(f"kl_penalty must be 'reward' or 'loss', got {self.kl_penalty!r}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
+        if self.kl_level not in ("sequence", "token"):
+            raise ValueError(f"kl_level must be 'sequence' or 'token', got {self.kl_level!r}")
+        if self.ppo_epochs < 1 or not 0 < self.clip_eps < 1:
+            raise ValueError("ppo_epochs must be >= 1 and 0 < clip_eps < 1")
+        if self.lr_schedule not in ("constant", "linear") or self.warmup_steps < 0:
+            raise ValueError(f"lr_schedule must be 'constant' or 'linear' and warmup_steps >= 0, got {self.lr_schedule!r}")
+        if self.micro_batch_size < 0:
+            raise ValueError("micro_batch_size must be >= 0 (0 = whole step)")
+
+
+def micro_batches(n: int, size: int) -> list[slice]:
+    """Slices covering range(n) in chunks of ``size`` (0 = one chunk)."""
+    size = size or n
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def select(rollout: Rollout, part: slice) -> Rollout:
+    """The sequences ``part`` of a rollout, as a rollout (grouping is not kept: use for scoring only)."""
+    return Rollout(
+        prompts=rollout.prompts[part],
+        completions=rollout.completions[part],
+        prompt_ids=rollout.prompt_ids[part],
+        prompt_mask=rollout.prompt_mask[part],
+        completion_ids=rollout.completion_ids[part],
+        completion_mask=rollout.completion_mask[part],
+        truncated=rollout.truncated[part],
+        sample_token_logprobs=rollout.sample_token_logprobs[part],
+        samples_per_prompt=1,
+        sampled_from_policy=rollout.sampled_from_policy,
+    )
+
+
+@torch.no_grad()
+def score_tokens(policy: Policy, rollout: Rollout, micro_batch_size: int) -> torch.Tensor:
+    """(B, T) token log-probs of a rollout under ``policy``, without gradient, micro-batched."""
+    parts = [policy.token_logprobs(select(rollout, s)) for s in micro_batches(len(rollout), micro_batch_size)]
+    return torch.cat(parts)
+
+
+def kl_rl_step(
+    config: KLRLConfig,
+    policy: Policy,
+    ref: Policy,
+    reward_fn: RewardFn,
+    prompts: Sequence[Any],
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """One step: sample, score, shape, and update. Returns the step's metrics (see docs/kl_rl.md)."""
+    k = config.samples_per_prompt
+    rollout = policy.sample(prompts, k, generator=generator)
+    mask = rollout.completion_mask  # (B, T) True where a token counts
+    n_seq = len(rollout)
+    rewards = score_rewards(reward_fn, rollout.prompts, rollout.completions)  # (B,)
+
+    ref_tok = score_tokens(ref, rollout, config.micro_batch_size)  # (B, T)
+    if rollout.sampled_from_policy:
+        old_tok = rollout.sample_token_logprobs  # equal to the scorer's to float precision (tested)
+    else:
+        old_tok = score_tokens(policy, rollout, config.micro_batch_size)
+    old_seq, ref_seq = masked_sum(old_tok, mask), masked_sum(ref_tok, mask)  # (B,)
+    rewards = rewards.to(old_seq.dtype)
+
+    beta_in_reward = config.beta if config.kl_penalty == "reward" else 0.0
+    shaped = kl_shaped_reward(rewards, old_seq, ref_seq, beta=beta_in_reward)  # (B,)
+    advantages = leave_one_out_advantage(shaped.view(-1, k)).view(-1)  # (B,)
+    estimator = KL_ESTIMATORS[config.kl_estimator]
+
+    totals = {"loss": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0}
+    for _epoch in range(config.ppo_epochs):
+        optimizer.zero_grad(set_to_none=True)
+        for part in micro_batches(n_seq, config.micro_batch_size):
+            sub = select(rollout, part)
+            tok = policy.token_logprobs(sub)  # (b, T) with grad
+            if config.ppo_epochs == 1:
+                per_seq = reinforce_loss(tok, advantages[part], sub.completion_mask)
+                clipped = torch.zeros(())
+            else:
+                per_seq, clip_frac = ppo_clip_loss(tok, old_tok[part], advantages[part], sub.completion_mask, clip_eps=config.clip_eps)
+                clipped = clip_frac.sum()
+            if config.kl_penalty == "loss" and config.beta > 0:
+                if config.kl_level == "sequence":
+                    kl = sequence_kl(estimator, masked_sum(tok, sub.completion_mask), ref_seq[part])
+                else:
+                    kl = token_kl(estimator, tok, ref_tok[part], sub.completion_mask)
+                per_seq = per_seq + config.beta * kl
+            loss = per_seq.sum() / n_seq  # the one reduction: mean over the step's sequences
+            loss.backward()
+            totals["loss"] += loss.item() / config.ppo_epochs
+            totals["clip_fraction"] += clipped.item() / n_seq / config.ppo_epochs
+        if config.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(
+                [p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm
+            )
+            totals["grad_norm"] += float(norm) / config.ppo_epochs
+        optimizer.step()
+
+    kl_seq = old_seq - ref_seq  # (B,) k1 per sequence on fresh samples
+    return {
+        "reward": rewards.mean().item(),
+        "reward_std": rewards.std().item() if n_seq > 1 else 0.0,
+        "kl_ref": kl_seq.mean().item(),
+        "kl_ref_k3": sequence_kl(KL_ESTIMATORS["k3"], old_seq, ref_seq).mean().item(),
+        "shaped_reward": kl_shaped_reward(rewards, old_seq, ref_seq, beta=config.beta).mean().item(),
+        "entropy": -old_seq.mean().item(),
+        "advantage_abs": advantages.abs().mean().item(),
+        "completion_length": mask.sum(-1).float().mean().item(),
+        "truncated_fraction": rollout.truncated.float().mean().item(),
+        **totals,
+    }
+
+
+def train(
+    config: KLRLConfig,
+    policy: Policy,
+    ref: Policy,
+    reward_fn: RewardFn,
+    prompts: Sequence[Any],
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    start_step: int = 0,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> torch.optim.Optimizer:
+    """Run ``config.steps`` steps of KL-regularised RL of ``policy`` toward pi* ∝ ref * exp(reward / beta).
+
+    ``ref`` may be any policy with the same vocabulary, not necessarily the initial one (Tiapkin et al. 2023
+    regularise toward a behaviour-cloned policy). ``on_step(step, metrics)`` is called after each step.
+    Returns the optimizer (its state is what a checkpoint needs besides the policy and the step number).
+    """
+    if len(prompts) == 0:
+        raise ValueError("no prompts to train on")
+    optimizer = optimizer or build_optimizer(config.optimizer, policy.parameters(), config.lr)
+    for step in range(start_step, config.steps):
+        set_lr(optimizer, config.lr * lr_factor(step, config.steps, config.lr_schedule, config.warmup_steps))
+        batch = [prompts[i] for i in prompt_indices(len(prompts), step, config.prompts_per_step, config.seed)]
+        metrics = kl_rl_step(config, policy, ref, reward_fn, batch, optimizer, step_generator(config.seed, step))
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"step {step}: the loss is {metrics['loss']}; lower the learning rate or check the reward scale")
+        if on_step is not None:
+            on_step(step, metrics)
+    return optimizer
+
+
+def config_dict(config: KLRLConfig) -> dict:
+    return asdict(config)

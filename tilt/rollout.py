@@ -1,0 +1,59 @@
+"""What every policy hands to every recipe: a batch of sampled completions, and the protocol a policy follows.
+
+A recipe sees only this protocol, so the same recipe runs on a Hugging Face causal LM (``tilt.engine``)
+and on a tabular policy of the exact lab (``tilt.lab``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """Completions sampled for a batch of prompts, K per prompt, grouped: sample ``p * K + k`` is the k-th
+    completion of prompt p.
+
+    Shapes: B = P * K sequences, Tp prompt tokens (left-padded), T completion tokens (right-padded).
+    """
+
+    prompts: list  # (B,) the prompt of each sample, repeated K times
+    completions: list  # (B,) decoded completions (text for LMs, token tuples in the lab)
+    prompt_ids: Tensor  # (B, Tp) long, left-padded
+    prompt_mask: Tensor  # (B, Tp) bool, True on real prompt tokens
+    completion_ids: Tensor  # (B, T) long, right-padded
+    completion_mask: Tensor  # (B, T) bool, True up to and including the first EOS
+    truncated: Tensor  # (B,) bool, True where no EOS came before the length limit
+    sample_token_logprobs: Tensor  # (B, T) log-prob of each token under the *sampling* distribution, 0 off-mask
+    samples_per_prompt: int  # K
+    sampled_from_policy: bool = True  # True when the sampling distribution is the policy's own (temperature 1, no top-k/p)
+
+    @property
+    def sample_seq_logprobs(self) -> Tensor:
+        """(B,) sum of ``sample_token_logprobs`` over counted tokens."""
+        return torch.where(self.completion_mask, self.sample_token_logprobs, 0.0).sum(-1)
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompts) // self.samples_per_prompt
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+class Policy(Protocol):
+    """A policy tilt can train or use as a reference."""
+
+    def sample(self, prompts: Sequence[Any], samples_per_prompt: int, *, generator: torch.Generator) -> Rollout:
+        """Draw ``samples_per_prompt`` completions of each prompt. No gradient."""
+        ...
+
+    def token_logprobs(self, rollout: Rollout) -> Tensor:
+        """(B, T) log pi(y_t | x, y_<t) of the rollout's completion tokens, 0 where the mask is False.
+        Differentiable with respect to the policy's parameters unless called under ``torch.no_grad``."""
+        ...
+
+    def parameters(self): ...
