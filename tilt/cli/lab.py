@@ -69,6 +69,10 @@ def add_parser(sub) -> None:
     add_training_options(p)
     p.set_defaults(run=run_kl_rl_command, pure=True)
 
+    from tilt.cli import demo_reg
+
+    demo_reg.add_lab_parsers(lab_sub)
+
 
 def run_kl_rl_lab(
     *,

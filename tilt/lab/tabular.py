@@ -108,6 +108,21 @@ class TabularPolicy(nn.Module):
         rollout = self.enumerate()
         return self.token_logprobs(rollout).sum(-1).view(self.contexts, -1)
 
+    @classmethod
+    def from_sequence_logprobs(cls, vocab: int, length: int, seq_logprobs: Tensor) -> "TabularPolicy":
+        """The tabular policy whose sequence distribution is ``seq_logprobs`` (C, V^L) (code order), e.g. an exact
+        target: each prefix's logits are the log-masses of its one-token extensions. Zero-mass prefixes get
+        uniform logits (they are never reached); zero-mass tokens get a logit of -1e4."""
+        contexts = seq_logprobs.shape[0]
+        masses = seq_logprobs.to(torch.float64)
+        rows = []
+        for t in range(length):
+            # log-mass of every prefix of length t + 1, grouped by its first t tokens: (C, V^t, V)
+            ext = masses.view(contexts, vocab ** (t + 1), -1).logsumexp(-1).view(contexts, vocab**t, vocab)
+            rows.append(ext)
+        logits = torch.cat(rows, dim=1).clamp(min=-1e4)
+        return cls(vocab, length, contexts, logits)
+
     def copy(self) -> "TabularPolicy":
         return TabularPolicy(self.vocab, self.length, self.contexts, self.logits.detach())
 

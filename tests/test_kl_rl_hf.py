@@ -1,0 +1,53 @@
+"""The KL-regularised recipe on a tiny GPT-2 built from a config, with a programmatic reward."""
+import pytest
+import torch
+
+from tilt.engine.hf import HFPolicy, SamplingConfig
+from tilt.engine.tiny import char_tokenizer, tiny_gpt2
+from tilt.recipes import kl_rl
+from tilt.rewards import RewardError
+
+PROMPTS = ["hello", "the cat", "a dog", "why"]
+
+
+def share_of_a(prompts, completions):
+    return [c.count("a") / max(len(c), 1) for c in completions]
+
+
+def run(beta, steps=60):
+    tok = char_tokenizer()
+    policy = HFPolicy(tiny_gpt2(len(tok)), tok, SamplingConfig(max_new_tokens=8))
+    ref = HFPolicy(tiny_gpt2(len(tok)), tok, SamplingConfig(max_new_tokens=8))
+    cfg = kl_rl.KLRLConfig(beta=beta, steps=steps, prompts_per_step=4, samples_per_prompt=4, lr=3e-3)
+    history = []
+    kl_rl.train(cfg, policy, ref, share_of_a, PROMPTS, on_step=lambda s, m: history.append(m))
+    q = steps // 4
+    quarter = lambda key, i: sum(m[key] for m in history[i * q:(i + 1) * q]) / q  # noqa: E731
+    return quarter
+
+
+@pytest.mark.slow
+def test_reward_rises_and_kl_levels_off_only_with_a_penalty():
+    kl_reg, pure = run(0.1), run(0.0)
+    assert kl_reg("reward", 3) > kl_reg("reward", 0) + 0.04
+    assert pure("reward", 3) > pure("reward", 0) + 0.5
+    # beta > 0: KL to the reference levels off; beta = 0: it keeps growing, far above
+    assert kl_reg("kl_ref", 3) < 2.0 and kl_reg("kl_ref", 3) < 1.5 * kl_reg("kl_ref", 1)
+    assert pure("kl_ref", 3) > 2.0 * pure("kl_ref", 1)
+    assert pure("kl_ref", 3) > 5.0 * kl_reg("kl_ref", 3)
+
+
+def test_a_reward_that_raises_or_returns_nan_names_the_sample():
+    tok = char_tokenizer()
+    policy = HFPolicy(tiny_gpt2(len(tok)), tok, SamplingConfig(max_new_tokens=4))
+    cfg = kl_rl.KLRLConfig(steps=1, prompts_per_step=2, samples_per_prompt=2)
+
+    def broken(prompts, completions):
+        raise KeyError("label")
+
+    with pytest.raises(RewardError, match="raised KeyError"):
+        kl_rl.train(cfg, policy, policy, broken, PROMPTS)
+    with pytest.raises(RewardError, match=r"not finite\) for sample 1: prompt"):
+        kl_rl.train(cfg, policy, policy, lambda p, c: [0.0, float("nan"), 0.0, 0.0], PROMPTS)
+    with pytest.raises(RewardError, match="returned 3 values for 4"):
+        kl_rl.train(cfg, policy, policy, lambda p, c: [0.0] * 3, PROMPTS)
