@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tilt.cli import lab
+from tilt.cli import infalign, lab
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     lab.add_parser(sub)
+    infalign.add_parser(sub)
     return parser
 
 

@@ -69,9 +69,11 @@ def add_parser(sub) -> None:
     add_training_options(p)
     p.set_defaults(run=run_kl_rl_command, pure=True)
 
-    from tilt.cli import demo_reg
+    from tilt.cli import demo_reg, infalign, preference
 
     demo_reg.add_lab_parsers(lab_sub)
+    infalign.add_lab_parsers(lab_sub)
+    preference.add_lab_parsers(lab_sub)
 
 
 def run_kl_rl_lab(
@@ -126,7 +128,7 @@ def run_kl_rl_lab(
 
 
 def run_kl_rl_command(args: argparse.Namespace) -> int:
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(1)  # a table of logits: threads only add overhead
     report = run_kl_rl_lab(
         vocab=args.vocab,
         length=args.length,

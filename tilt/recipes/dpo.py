@@ -1,0 +1,158 @@
+"""Offline DPO (sigmoid or IPO loss) on a fixed set of preference pairs.
+
+Objective (Rafailov et al. 2023, eq. 7; digest §1.4): minimise over the pairs (x, y+, y-)
+
+    -log sigma(beta * h),   h = [log pi(y+|x) - log pi_ref(y+|x)] - [log pi(y-|x) - log pi_ref(y-|x)],
+
+the Bradley-Terry likelihood of the labels under the implicit reward beta * log(pi/pi_ref); its population
+minimiser over all policies is the tilted target pi_ref * exp(r/beta) / Z of the reward behind the labels.
+``loss_type="ipo"`` uses (h - 1/(2 beta))^2 (Azar et al. 2023).
+
+The reference may differ from the initial policy (e.g. the SFT model as reference while training starts
+elsewhere). Its log-probs on every pair are computed once, before training, and reused in every epoch;
+``reference_logprobs`` can be called separately and its result passed to ``train``.
+
+Batch semantics: a step takes ``pairs_per_step`` pairs; an epoch is one pass over a seeded permutation of the
+pairs. Loss reduction: mean over the pairs of the step, whatever the micro-batch split.
+The recipe sees only the ``Policy`` protocol.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from tilt.math.masking import masked_sum
+from tilt.math.preference import dpo_margin, dpo_sigmoid_loss, ipo_loss
+from tilt.recipes.common import build_optimizer, prompt_indices
+from tilt.rollout import Policy, Rollout
+
+LOSSES = {"sigmoid": dpo_sigmoid_loss, "ipo": ipo_loss}
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """Configuration of offline DPO."""
+
+    beta: float = field(default=0.1, metadata={"help": "KL coefficient; 0.1 as in Rafailov et al. 2023 and TRL's DPOConfig"})
+    loss_type: str = field(default="sigmoid", metadata={"help": "'sigmoid' (DPO) or 'ipo' (Azar et al. 2023)"})
+    epochs: int = field(default=1, metadata={"help": "passes over the pairs"})
+    pairs_per_step: int = field(default=8, metadata={"help": "preference pairs per optimisation step"})
+    micro_batch_size: int = field(default=0, metadata={"help": "pairs per forward/backward pass; 0 = the whole step at once"})
+    lr: float = field(default=1e-6, metadata={"help": "learning rate; 1e-6 as in TRL's DPOConfig"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw or sgd"})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "clip the gradient norm to this; 0 = no clipping"})
+    seed: int = field(default=0, metadata={"help": "seed of the pair order"})
+
+    def __post_init__(self):
+        if not self.beta > 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.loss_type not in LOSSES:
+            raise ValueError(f"loss_type must be 'sigmoid' or 'ipo', got {self.loss_type!r}")
+        if self.epochs < 0 or self.pairs_per_step < 1 or self.micro_batch_size < 0:
+            raise ValueError("epochs must be >= 0, pairs_per_step >= 1 and micro_batch_size >= 0")
+
+
+@dataclass(frozen=True)
+class PreferencePairs:
+    """Aligned rollouts: pair i is (chosen[i], rejected[i]) for the same prompt."""
+
+    chosen: Rollout  # (N,)
+    rejected: Rollout  # (N,)
+
+    def __post_init__(self):
+        if len(self.chosen) != len(self.rejected):
+            raise ValueError(f"{len(self.chosen)} chosen but {len(self.rejected)} rejected completions; pairs must align")
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+
+def take(rollout: Rollout, index: Tensor) -> Rollout:
+    """The sequences ``index`` (long (b,)) of a rollout, one per prompt."""
+    rows = index.tolist()
+    return Rollout(
+        prompts=[rollout.prompts[i] for i in rows],
+        completions=[rollout.completions[i] for i in rows],
+        prompt_ids=rollout.prompt_ids[index],
+        prompt_mask=rollout.prompt_mask[index],
+        completion_ids=rollout.completion_ids[index],
+        completion_mask=rollout.completion_mask[index],
+        truncated=rollout.truncated[index],
+        sample_token_logprobs=rollout.sample_token_logprobs[index],
+        samples_per_prompt=1,
+        sampled_from_policy=False,
+    )
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    size = size or n
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def reference_logprobs(ref: Policy, pairs: PreferencePairs, micro_batch_size: int = 0) -> tuple[Tensor, Tensor]:
+    """(N,), (N,): log pi_ref of every chosen and rejected completion, computed once."""
+    out = []
+    for rollout in (pairs.chosen, pairs.rejected):
+        parts = []
+        for part in _chunks(len(rollout), micro_batch_size):
+            sub = take(rollout, torch.arange(part.start, part.stop))
+            parts.append(masked_sum(ref.token_logprobs(sub), sub.completion_mask))
+        out.append(torch.cat(parts))
+    return out[0], out[1]
+
+
+def train(
+    config: DPOConfig,
+    policy: Policy,
+    ref: Policy,
+    pairs: PreferencePairs,
+    *,
+    ref_logprobs: tuple[Tensor, Tensor] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> torch.optim.Optimizer:
+    """Train ``policy`` by DPO on ``pairs`` against ``ref`` (any policy; not necessarily the initial one).
+
+    ``ref_logprobs`` = (chosen, rejected) reference log-probs, if already computed; otherwise computed once here.
+    ``on_step(step, metrics)`` gets loss, reward_margin (mean beta*h), accuracy (fraction with h > 0).
+    """
+    n = len(pairs)
+    if n == 0:
+        raise ValueError("no preference pairs to train on")
+    ref_chosen, ref_rejected = ref_logprobs if ref_logprobs is not None else reference_logprobs(ref, pairs, config.micro_batch_size)
+    optimizer = optimizer or build_optimizer(config.optimizer, policy.parameters(), config.lr)
+    loss_fn = LOSSES[config.loss_type]
+    steps = math.ceil(config.epochs * n / config.pairs_per_step)
+    for step in range(steps):
+        index = torch.tensor(prompt_indices(n, step, config.pairs_per_step, config.seed))  # epochs of a seeded permutation
+        optimizer.zero_grad(set_to_none=True)
+        totals = {"loss": 0.0, "reward_margin": 0.0, "accuracy": 0.0}
+        for part in _chunks(len(index), config.micro_batch_size):
+            sub = index[part]
+            chosen, rejected = take(pairs.chosen, sub), take(pairs.rejected, sub)
+            lp_c = masked_sum(policy.token_logprobs(chosen), chosen.completion_mask)  # (b,)
+            lp_r = masked_sum(policy.token_logprobs(rejected), rejected.completion_mask)
+            per_pair = loss_fn(lp_c, lp_r, ref_chosen[sub], ref_rejected[sub], beta=config.beta)  # (b,)
+            loss = per_pair.sum() / len(index)  # the one reduction: mean over the step's pairs
+            loss.backward()
+            h = dpo_margin(lp_c, lp_r, ref_chosen[sub], ref_rejected[sub]).detach()
+            totals["loss"] += loss.item()
+            totals["reward_margin"] += config.beta * h.sum().item() / len(index)
+            totals["accuracy"] += (h > 0).to(torch.float64).sum().item() / len(index)
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm)
+        optimizer.step()
+        if not math.isfinite(totals["loss"]):
+            raise FloatingPointError(f"step {step}: the loss is {totals['loss']}; lower the learning rate")
+        if on_step is not None:
+            on_step(step, totals)
+    return optimizer
+
+
+def config_dict(config: DPOConfig) -> dict:
+    return asdict(config)

@@ -1,0 +1,226 @@
+"""Online DPO and XPO: one recipe, three sampling schemes, two data regimes.
+
+Objective (Xie et al. 2024, Algorithm 1; digest §4(a), where its exact typesetting is marked [R], unverified, and its
+structure is corroborated by the TRL and oat implementations). Each step t draws prompts x, two responses per prompt,
+labels them with a preference oracle, and minimises
+
+    L(pi) = (1/n) * sum_{(x, y+, y-)} -log sigma(beta * h)  +  (alpha/n) * sum_i log pi(y~_i | x_i),
+    h = [log pi(y+) - log pi_ref(y+)] - [log pi(y-) - log pi_ref(y-)],
+
+over the pairs of the current batch (``regime="streaming"``: one gradient step per fresh batch, as TRL's online
+trainers do, digest §4(b)) or over all pairs so far (``regime="cumulative"``: the data set grows step by step and
+each step re-fits on all of it with ``refit_steps`` gradient steps, as in Algorithm 1's argmin). n is the number
+of pairs in the sum (ties included), so alpha keeps the paper's ratio to the DPO term.
+
+Schemes (``scheme``), easy to tell apart:
+  * ``online-dpo``: both responses from the current policy pi_t (passive exploration; TRL's OnlineDPO); no bonus.
+  * ``pairs``: y ~ pi_t and y~ ~ pi_ref, alpha must be 0: Algorithm 1's sampling without the bonus.
+  * ``xpo``: the same pairs plus alpha * log pi(y~) on the reference sample y~, whether it won or lost.
+
+Sign convention: +alpha * log pi(y~) is added to a loss that is *minimised*. Since E_{y~ ~ pi_ref} log pi(y~) =
+-KL(pi_ref || pi) - H(pi_ref), the bonus *raises* KL(pi_ref || pi): it pushes mass off what the reference
+typically says, toward responses pi_ref rarely produces (optimism; ``tilt.math.preference.xpo_bonus``).
+
+Ties (oracle label 0.5) are dropped from the DPO term (they carry no ordering) but count in n, and a tied
+reference sample still carries its bonus. ``loss_type="ipo"`` swaps the DPO term for (h - 1/(2 beta))^2.
+alpha and beta may be schedules: a tuple gives the value of step 0, 1, ...; the last value is kept afterwards
+(TRL schedules per epoch; here a step is the unit). Reference log-probs are computed once, when a pair is
+collected, and reused in every re-fit.
+
+The recipe sees only the ``Policy`` protocol, so it runs on the tabular lab and on Hugging Face models alike.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from tilt.math.masking import masked_sum
+from tilt.math.preference import dpo_sigmoid_loss, implicit_reward, ipo_loss, xpo_bonus
+from tilt.preferences import TIE, PreferenceOracle
+from tilt.recipes.common import build_optimizer, prompt_indices, step_generator
+from tilt.rollout import Policy, Rollout
+
+SCHEMES = ("online-dpo", "pairs", "xpo")
+LOSSES = {"sigmoid": dpo_sigmoid_loss, "ipo": ipo_loss}
+
+
+def _as_schedule(value) -> tuple[float, ...]:
+    values = tuple(float(v) for v in value) if isinstance(value, (list, tuple)) else (float(value),)
+    if not values:
+        raise ValueError("a schedule needs at least one value")
+    return values
+
+
+def scheduled(values: tuple[float, ...], step: int) -> float:
+    """The value of a schedule at ``step`` (0-based): values[step], then the last value for ever."""
+    return values[min(step, len(values) - 1)]
+
+
+@dataclass(frozen=True)
+class OnlineDPOConfig:
+    """Configuration of online DPO / XPO. Batch semantics: each step draws ``prompts_per_step`` prompts and one
+    pair of responses per prompt, so a step adds prompts_per_step pairs."""
+
+    scheme: str = field(default="xpo", metadata={"help": "online-dpo (both ~ pi), pairs (pi, pi_ref; alpha = 0) or xpo (pairs + alpha*log pi(y~))"})
+    alpha: Any = field(default=1e-5, metadata={"help": "XPO coefficient, a number or a per-step list (last value kept); 1e-5 is TRL's XPOConfig default; 0 unless scheme=xpo"})
+    beta: Any = field(default=0.1, metadata={"help": "KL coefficient, a number or a per-step list; 0.1 as in TRL's XPOConfig and Rafailov et al. 2023"})
+    loss_type: str = field(default="sigmoid", metadata={"help": "'sigmoid' (DPO) or 'ipo' (Azar et al. 2023)"})
+    regime: str = field(default="streaming", metadata={"help": "'streaming' (one update per fresh batch, TRL) or 'cumulative' (re-fit on all pairs so far, Algorithm 1)"})
+    refit_steps: int = field(default=1, metadata={"help": "gradient steps per step on the whole data set in the cumulative regime; must be 1 when streaming"})
+    steps: int = field(default=100, metadata={"help": "number of steps (rounds), one fresh batch of pairs each"})
+    prompts_per_step: int = field(default=8, metadata={"help": "prompts per step, one pair each"})
+    lr: float = field(default=5e-7, metadata={"help": "learning rate; 5e-7 as in TRL's XPO documentation example"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw or sgd"})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "clip the gradient norm to this; 0 = no clipping"})
+    seed: int = field(default=0, metadata={"help": "seed of prompt order, sampling and stochastic labels"})
+
+    def __post_init__(self):
+        object.__setattr__(self, "alpha", _as_schedule(self.alpha))
+        object.__setattr__(self, "beta", _as_schedule(self.beta))
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
+        if any(a < 0 for a in self.alpha):
+            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+        if self.scheme != "xpo" and any(a != 0 for a in self.alpha):
+            raise ValueError(f"alpha is XPO's bonus; scheme {self.scheme!r} needs alpha = 0 (got {self.alpha}); use scheme 'xpo'")
+        if any(not b > 0 for b in self.beta):
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if self.loss_type not in LOSSES:
+            raise ValueError(f"loss_type must be 'sigmoid' or 'ipo', got {self.loss_type!r}")
+        if self.regime not in ("streaming", "cumulative"):
+            raise ValueError(f"regime must be 'streaming' or 'cumulative', got {self.regime!r}")
+        if self.refit_steps < 1 or (self.regime == "streaming" and self.refit_steps != 1):
+            raise ValueError("refit_steps must be >= 1, and 1 in the streaming regime (one update per fresh batch)")
+        if self.steps < 0 or self.prompts_per_step < 1:
+            raise ValueError("steps must be >= 0 and prompts_per_step >= 1")
+
+
+@dataclass(frozen=True)
+class LabelledPairs:
+    """One step's pairs: responses A (always from the policy) and B (from the policy or pi_ref), the oracle's labels
+    and the reference log-probs, computed once."""
+
+    a: Rollout  # (B,) y ~ pi_t
+    b: Rollout  # (B,) second response: ~ pi_t (online-dpo) or y~ ~ pi_ref
+    a_preferred: Tensor  # (B,) 1.0 A preferred, 0.0 B preferred, 0.5 tie
+    ref_a: Tensor  # (B,) log pi_ref(A)
+    ref_b: Tensor  # (B,) log pi_ref(B)
+    b_from_ref: bool  # True when B was drawn from pi_ref (its log-prob carries the XPO bonus)
+
+
+@torch.no_grad()
+def collect_pairs(config: OnlineDPOConfig, policy: Policy, ref: Policy, oracle: PreferenceOracle, prompts: Sequence[Any], generator: torch.Generator) -> LabelledPairs:
+    """Sample one pair per prompt under the config's scheme and label it."""
+    a = policy.sample(prompts, 1, generator=generator)
+    second = policy if config.scheme == "online-dpo" else ref
+    b = second.sample(prompts, 1, generator=generator)
+    labels = oracle(a.prompts, a.completions, b.completions, generator=generator).to(torch.float64)
+    if labels.shape != (len(a),):
+        raise ValueError(f"the oracle returned shape {tuple(labels.shape)} for {len(a)} pairs; it must return one label per pair")
+    ref_a = masked_sum(ref.token_logprobs(a), a.completion_mask)
+    ref_b = masked_sum(ref.token_logprobs(b), b.completion_mask)
+    return LabelledPairs(a, b, labels, ref_a, ref_b, b_from_ref=config.scheme != "online-dpo")
+
+
+def pair_losses(config: OnlineDPOConfig, policy: Policy, pairs: LabelledPairs, *, alpha: float, beta: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """(B,) per-pair loss = [DPO or IPO term, 0 on ties] + alpha * log pi(y~) where B is the reference sample."""
+    lp_a = masked_sum(policy.token_logprobs(pairs.a), pairs.a.completion_mask)  # (B,) with grad
+    lp_b = masked_sum(policy.token_logprobs(pairs.b), pairs.b.completion_mask)
+    a_wins = pairs.a_preferred > TIE
+    decided = pairs.a_preferred != TIE
+    chosen, rejected = torch.where(a_wins, lp_a, lp_b), torch.where(a_wins, lp_b, lp_a)
+    ref_chosen, ref_rejected = torch.where(a_wins, pairs.ref_a, pairs.ref_b), torch.where(a_wins, pairs.ref_b, pairs.ref_a)
+    preference = torch.where(decided, LOSSES[config.loss_type](chosen, rejected, ref_chosen, ref_rejected, beta=beta), 0.0)
+    bonus = xpo_bonus(lp_b, alpha=alpha) if pairs.b_from_ref else torch.zeros_like(preference)
+    with torch.no_grad():
+        parts = {
+            "preference_loss": preference.detach(),
+            "bonus": bonus.detach(),
+            "ref_sample_logprob": lp_b.detach() if pairs.b_from_ref else torch.full_like(lp_b, float("nan")),
+            "chosen_reward": implicit_reward(chosen, ref_chosen, beta=beta),
+            "rejected_reward": implicit_reward(rejected, ref_rejected, beta=beta),
+            "decided": decided.to(torch.float64),
+        }
+    return preference + bonus, parts
+
+
+def refit(config: OnlineDPOConfig, policy: Policy, data: Sequence[LabelledPairs], optimizer: torch.optim.Optimizer, *, alpha: float, beta: float) -> dict[str, float]:
+    """One gradient step on the mean per-pair loss over ``data`` (each stored batch is one micro-batch)."""
+    n = sum(len(p.a) for p in data)
+    optimizer.zero_grad(set_to_none=True)
+    sums: dict[str, float] = {}
+    for pairs in data:
+        per_pair, parts = pair_losses(config, policy, pairs, alpha=alpha, beta=beta)
+        loss = per_pair.sum() / n  # the one reduction: mean over all pairs in the objective
+        loss.backward()
+        sums["loss"] = sums.get("loss", 0.0) + loss.item()
+        for key, value in parts.items():
+            sums[key] = sums.get(key, 0.0) + value.nansum().item()
+    if config.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm)
+    optimizer.step()
+    decided = max(sums["decided"], 1.0)
+    return {
+        "loss": sums["loss"],
+        "preference_loss": sums["preference_loss"] / decided,
+        "bonus": sums["bonus"] / n,
+        "reward_margin": (sums["chosen_reward"] - sums["rejected_reward"]) / n,
+    }
+
+
+def kl_ref_estimate(pairs: LabelledPairs) -> float:
+    """Mean log pi(y) - log pi_ref(y) over the fresh policy samples A (a k1 estimate of KL(pi || pi_ref) before the
+    update); NaN when the policy sampled with a modified distribution (temperature, top-k/p), whose log-probs differ."""
+    if not pairs.a.sampled_from_policy:
+        return float("nan")
+    return (masked_sum(pairs.a.sample_token_logprobs, pairs.a.completion_mask) - pairs.ref_a).mean().item()
+
+
+def train(
+    config: OnlineDPOConfig,
+    policy: Policy,
+    ref: Policy,
+    oracle: PreferenceOracle,
+    prompts: Sequence[Any],
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> torch.optim.Optimizer:
+    """Run ``config.steps`` steps of online DPO / XPO on ``policy`` against ``ref``, labelling with ``oracle``.
+
+    ``ref`` may be any policy with the same vocabulary. ``on_step(step, metrics)`` gets the metrics of
+    docs/xpo.md after each step. Returns the optimizer.
+    """
+    if len(prompts) == 0:
+        raise ValueError("no prompts to train on")
+    optimizer = optimizer or build_optimizer(config.optimizer, policy.parameters(), config.lr)
+    data: list[LabelledPairs] = []
+    for step in range(config.steps):
+        alpha, beta = scheduled(config.alpha, step), scheduled(config.beta, step)
+        batch = [prompts[i] for i in prompt_indices(len(prompts), step, config.prompts_per_step, config.seed)]
+        pairs = collect_pairs(config, policy, ref, oracle, batch, step_generator(config.seed, step))
+        data = data + [pairs] if config.regime == "cumulative" else [pairs]
+        for _ in range(config.refit_steps):
+            metrics = refit(config, policy, data, optimizer, alpha=alpha, beta=beta)
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"step {step}: the loss is {metrics['loss']}; lower the learning rate")
+        labels = pairs.a_preferred
+        metrics.update(
+            alpha=alpha,
+            beta=beta,
+            pairs=float(sum(len(p.a) for p in data)),
+            policy_sample_win_rate=labels.mean().item(),
+            tie_fraction=(labels == TIE).to(torch.float64).mean().item(),
+            kl_ref=kl_ref_estimate(pairs),
+        )
+        if on_step is not None:
+            on_step(step, metrics)
+    return optimizer
+
+
+def config_dict(config: OnlineDPOConfig) -> dict:
+    return asdict(config)
