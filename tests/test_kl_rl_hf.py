@@ -45,9 +45,21 @@ def test_a_reward_that_raises_or_returns_nan_names_the_sample():
     def broken(prompts, completions):
         raise KeyError("label")
 
-    with pytest.raises(RewardError, match="raised KeyError"):
+    with pytest.raises(RewardError, match=r"raised KeyError.*\n  on sample 0 of 4: prompt"):
         kl_rl.train(cfg, policy, policy, broken, PROMPTS)
     with pytest.raises(RewardError, match=r"not finite\) for sample 1: prompt"):
         kl_rl.train(cfg, policy, policy, lambda p, c: [0.0, float("nan"), 0.0, 0.0], PROMPTS)
     with pytest.raises(RewardError, match="returned 3 values for 4"):
         kl_rl.train(cfg, policy, policy, lambda p, c: [0.0] * 3, PROMPTS)
+
+
+def test_reward_errors_name_the_sample_that_broke():
+    from tilt.rewards import score_rewards
+
+    def picky(prompts, completions):
+        return [1.0 / (len(c) - 3) for c in completions]  # raises on a completion of length 3
+
+    with pytest.raises(RewardError, match=r"ZeroDivisionError.*\n  on sample 2 of 3: prompt 'c', completion 'xyz'"):
+        score_rewards(picky, ["a", "b", "c"], ["x", "xy", "xyz"])
+    with pytest.raises(RewardError, match="not a sequence of floats"):
+        score_rewards(lambda p, c: None, ["a"], ["b"])

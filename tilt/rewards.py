@@ -34,12 +34,22 @@ def score_rewards(reward_fn: RewardFn, prompts: Sequence[Any], completions: Sequ
     try:
         values = reward_fn(list(prompts), list(completions), **columns)
     except Exception as exc:  # noqa: BLE001 - re-raised with context
+        i = _first_failing_sample(reward_fn, prompts, completions, columns)
+        where = (
+            f"sample {i} of {len(completions)}: prompt {_show(prompts[i])}, completion {_show(completions[i])}"
+            if i is not None
+            else f"a batch of {len(completions)} samples (each alone scores fine); first prompt {_show(prompts[0])}"
+        )
         raise RewardError(
-            f"the reward function raised {type(exc).__name__}: {exc}\n"
-            f"  on a batch of {len(completions)} samples; first prompt {_show(prompts[0])}, "
-            f"first completion {_show(completions[0])}.\n  Fix the reward function or the data."
+            f"the reward function raised {type(exc).__name__}: {exc}\n  on {where}.\n  Fix the reward function or the data."
         ) from exc
-    values = torch.as_tensor(values if isinstance(values, Tensor) else list(values), dtype=torch.float64).flatten()
+    try:
+        values = torch.as_tensor(values if isinstance(values, Tensor) else list(values), dtype=torch.float64).flatten()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise RewardError(
+            f"the reward function returned {_show(values)}, which is not a sequence of floats: it must return one float "
+            "per completion."
+        ) from exc
     if values.numel() != len(completions):
         raise RewardError(
             f"the reward function returned {values.numel()} values for {len(completions)} completions; "
@@ -54,6 +64,17 @@ def score_rewards(reward_fn: RewardFn, prompts: Sequence[Any], completions: Sequ
             "not finite. Fix the reward, or let the run skip such samples where the recipe offers it."
         )
     return values
+
+
+def _first_failing_sample(reward_fn: RewardFn, prompts, completions, columns) -> int | None:
+    """Index of the first sample on which ``reward_fn`` raises when called alone, or None."""
+    for i in range(len(completions)):
+        one = {k: [v[i]] if isinstance(v, (list, tuple)) and len(v) == len(completions) else v for k, v in columns.items()}
+        try:
+            reward_fn([prompts[i]], [completions[i]], **one)
+        except Exception:  # noqa: BLE001
+            return i
+    return None
 
 
 def weighted_sum(rewards: Sequence[tuple[float, RewardFn]]) -> RewardFn:

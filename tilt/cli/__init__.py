@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tilt.cli import infalign, lab
+from tilt.cli import data, infalign, lab
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     lab.add_parser(sub)
     infalign.add_parser(sub)
+    data.add_parser(sub)
     return parser
 
 
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"tilt: error: {exc}", file=sys.stderr)
         return 2
 
