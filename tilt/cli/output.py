@@ -24,5 +24,16 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` with non-finite floats written as the strings "inf", "-inf" and "nan", so the output is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True))
+    print(json.dumps(strict_json(obj), indent=2, sort_keys=True, allow_nan=False))

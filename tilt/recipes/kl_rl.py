@@ -33,6 +33,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from tilt.math import importance
 from tilt.math.kl import KL_ESTIMATORS, sequence_kl, token_kl
 from tilt.math.masking import masked_sum
 from tilt.math.pg import kl_shaped_reward, leave_one_out_advantage, ppo_clip_loss, reinforce_loss
@@ -175,6 +176,11 @@ def kl_rl_step(
         optimizer.step()
 
     kl_seq = old_seq - ref_seq  # (B,) k1 per sequence on fresh samples
+    posterior = {}
+    if config.beta > 0:  # how far pi is from pi*, by importance sampling on the step's own samples (q = pi)
+        target_log_weights = ref_seq + rewards / config.beta  # (B,) log pi_ref + r / beta
+        grouped = [x.view(-1, k) for x in (target_log_weights, old_seq, old_seq)]
+        posterior = {f"target_{name}": value for name, value in importance.diagnostics(*grouped).items()}
     return {
         "reward": rewards.mean().item(),
         "reward_std": rewards.std().item() if n_seq > 1 else 0.0,
@@ -186,6 +192,7 @@ def kl_rl_step(
         "completion_length": mask.sum(-1).float().mean().item(),
         "truncated_fraction": rollout.truncated.float().mean().item(),
         **totals,
+        **posterior,
     }
 
 
