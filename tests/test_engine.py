@@ -92,3 +92,22 @@ def test_sampling_config_validation():
         SamplingConfig(temperature=0)
     with pytest.raises(ValueError):
         SamplingConfig(top_p=0)
+
+
+def test_prompt_seeds_make_a_prompts_samples_independent_of_its_batch(tokenizer):
+    policy = HFPolicy(tiny_gpt2(len(tokenizer)), tokenizer, SamplingConfig(max_new_tokens=12))
+    together = policy.sample(PROMPTS, 3, prompt_seeds=[10, 11, 12, 13])
+    apart = policy.sample(PROMPTS[2:], 3, prompt_seeds=[12, 13])
+    assert together.completions[6:] == apart.completions
+    assert torch.allclose(together.sample_token_logprobs[6:, :apart.completion_ids.shape[1]], apart.sample_token_logprobs, atol=1e-5)
+
+
+def test_inverse_cdf_sampling_has_the_right_law():
+    from tilt.math.sampling import inverse_cdf_sample
+
+    probs = torch.tensor([[0.0, 0.2, 0.0, 0.5, 0.3]]).repeat(200_000, 1)
+    y = inverse_cdf_sample(probs, torch.rand(200_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    freq = torch.bincount(y, minlength=5).double() / y.numel()
+    assert freq[0] == 0 and freq[2] == 0  # zero-probability tokens never drawn
+    assert torch.allclose(freq, probs[0].double(), atol=4e-3)
+    assert inverse_cdf_sample(probs[:1], torch.zeros(1)).item() == 1  # u = 0 still lands on a positive-mass token

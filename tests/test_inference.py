@@ -215,7 +215,7 @@ def test_filter_dpg_matches_posterior_while_pure_rl_collapses():
     lp_rl = rl.support_logprobs().detach()
     assert (lp_rl.exp() * (1 - b)).sum() < 1e-3  # all mass admissible...
     assert exact.kl(ex.log_probs, lp_rl).item() > 1.0  # ...but far from the posterior
-    assert lp_rl.exp().max() > 2 * ex.log_probs.exp().max()  # concentrated on few admissible sequences
+    assert lp_rl.exp().max() > 1.5 * ex.log_probs.exp().max()  # concentrated on few admissible sequences
     with pytest.raises(ValueError, match="infinite"):
         _train_dpg(target, ref, steps=1, divergence="reverse-kl")
 

@@ -9,7 +9,6 @@ from tilt.cli.lab import run_kl_rl_lab
 from tilt.lab.tabular import random_tabular_policy
 from tilt.lab.world import TableReward, reward_table
 from tilt.recipes import kl_rl
-from tilt.recipes.common import step_generator
 
 
 @pytest.mark.slow
@@ -58,7 +57,7 @@ def test_micro_batching_does_not_change_the_update():
             cfg = kl_rl.KLRLConfig(beta=0.2, steps=1, prompts_per_step=2, samples_per_prompt=32, lr=0.1, optimizer="sgd",
                                    micro_batch_size=micro, kl_penalty=kl_penalty, kl_estimator=est)
             opt = torch.optim.SGD(pol.parameters(), lr=0.1)
-            kl_rl.kl_rl_step(cfg, pol, ref, reward, [0, 1], opt, step_generator(0, 0))
+            kl_rl.kl_rl_step(cfg, pol, ref, reward, [0, 1], opt, prompt_seeds=[5, 6])
             results.append(pol.logits.detach().clone())
     assert torch.allclose(results[0], results[2], atol=1e-12)
     assert torch.allclose(results[1], results[3], atol=1e-12)

@@ -47,8 +47,11 @@ class Rollout:
 class Policy(Protocol):
     """A policy tilt can train or use as a reference."""
 
-    def sample(self, prompts: Sequence[Any], samples_per_prompt: int, *, generator: torch.Generator) -> Rollout:
-        """Draw ``samples_per_prompt`` completions of each prompt. No gradient."""
+    def sample(self, prompts: Sequence[Any], samples_per_prompt: int, *, generator: torch.Generator | None = None,
+               prompt_seeds: Sequence[int] | None = None) -> Rollout:
+        """Draw ``samples_per_prompt`` completions of each prompt, grouped by prompt. No gradient. Randomness comes
+        from ``generator``, or, when ``prompt_seeds`` (one int per prompt) is given, from one generator per prompt,
+        so that a prompt's completions do not depend on the rest of the batch."""
         ...
 
     def token_logprobs(self, rollout: Rollout) -> Tensor:

@@ -20,6 +20,7 @@ from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from tilt.math.masking import completion_mask_from_eos
+from tilt.math.sampling import inverse_cdf_sample, sampling_uniforms
 from tilt.rollout import Rollout
 
 
@@ -108,12 +109,19 @@ class HFPolicy:
 
     # --- sampling --------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, prompts: Sequence[str], samples_per_prompt: int, *, generator: torch.Generator | None = None) -> Rollout:
-        """``samples_per_prompt`` completions of each prompt, with a KV cache; one forward pass per new token."""
+    def sample(self, prompts: Sequence[str], samples_per_prompt: int, *, generator: torch.Generator | None = None,
+               prompt_seeds: Sequence[int] | None = None) -> Rollout:
+        """``samples_per_prompt`` completions of each prompt, with a KV cache; one forward pass per new token.
+
+        Randomness: one uniform per (sample, position), drawn up front from ``generator``, or per prompt from
+        ``prompt_seeds`` (then a prompt's completions do not depend on the rest of the batch), and turned into
+        tokens by inverse-CDF sampling."""
         prompt_ids, prompt_mask = self.encode_prompts(prompts)
         prompt_ids = prompt_ids.repeat_interleave(samples_per_prompt, 0)  # (B, Tp)
         prompt_mask = prompt_mask.repeat_interleave(samples_per_prompt, 0)
         b = prompt_ids.shape[0]
+        uniforms = sampling_uniforms(len(prompts), samples_per_prompt, self.sampling.max_new_tokens, generator=generator,
+                                     prompt_seeds=prompt_seeds).to(self.device)  # (B, max_new_tokens)
         eos = torch.tensor(self.eos_ids, device=self.device)
         positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, Tp)
         attention = prompt_mask.long()
@@ -123,9 +131,9 @@ class HFPolicy:
         next_position = positions[:, -1:] + 1  # (B, 1)
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         tokens, logps = [], []
-        for _ in range(self.sampling.max_new_tokens):
+        for t in range(self.sampling.max_new_tokens):
             logp = torch.log_softmax(warp_logits(out.logits[:, -1, :].float(), self.sampling), dim=-1)  # (B, V)
-            y = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)  # (B,)
+            y = inverse_cdf_sample(logp.exp(), uniforms[:, t])  # (B,)
             lp = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
             y = y.masked_fill(done, self.pad_id)
             tokens.append(y)

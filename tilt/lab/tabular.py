@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from tilt.math.sampling import inverse_cdf_sample, sampling_uniforms
 from tilt.rollout import Rollout
 
 
@@ -65,7 +66,10 @@ class TabularPolicy(nn.Module):
         return logp.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)  # (B, L)
 
     @torch.no_grad()
-    def sample(self, prompts: Sequence[int], samples_per_prompt: int, *, generator: torch.Generator) -> Rollout:
+    def sample(self, prompts: Sequence[int], samples_per_prompt: int, *, generator: torch.Generator | None = None,
+               prompt_seeds: Sequence[int] | None = None) -> Rollout:
+        """Inverse-CDF sampling from uniforms drawn from ``generator``, or per prompt from ``prompt_seeds``."""
+        uniforms = sampling_uniforms(len(prompts), samples_per_prompt, self.length, generator=generator, prompt_seeds=prompt_seeds)
         contexts = torch.tensor(list(prompts), dtype=torch.long).repeat_interleave(samples_per_prompt)  # (B,)
         b = contexts.shape[0]
         tokens = torch.zeros(b, self.length, dtype=torch.long)
@@ -73,7 +77,7 @@ class TabularPolicy(nn.Module):
         code = torch.zeros(b, dtype=torch.long)
         for t in range(self.length):
             logp = torch.log_softmax(self.logits[contexts, self.level_offsets[t] + code], dim=-1)  # (B, V)
-            y_t = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+            y_t = inverse_cdf_sample(logp.exp(), uniforms[:, t])
             tokens[:, t] = y_t
             token_logprobs[:, t] = logp.gather(-1, y_t.unsqueeze(-1)).squeeze(-1)
             code = code * self.vocab + y_t

@@ -33,6 +33,12 @@ def step_generator(seed: int, step: int, label: str = "sample") -> torch.Generat
     return torch.Generator().manual_seed(derive_seed(seed, label, step))
 
 
+def step_prompt_seeds(seed: int, step: int, positions) -> list[int]:
+    """One sampling seed per prompt of a step, from its position in the step's global batch: a prompt's samples
+    are then the same whether the step runs in one process or is split across several, and on resume."""
+    return [derive_seed(seed, "prompt", step, int(pos)) for pos in positions]
+
+
 def build_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     """``adamw`` (torch defaults, no weight decay) or ``sgd`` (plain)."""
     params = [p for p in params if p.requires_grad]

@@ -40,7 +40,7 @@ import torch
 from tilt.math import importance
 from tilt.math.fdiv import DIVERGENCES, f_divergence_loss, importance_weights, log_density_ratio, pseudo_reward, weighted_leave_one_out_baseline
 from tilt.math.masking import masked_sum
-from tilt.recipes.common import build_optimizer, lr_factor, prompt_indices, set_lr, step_generator
+from tilt.recipes.common import build_optimizer, lr_factor, prompt_indices, set_lr, step_prompt_seeds
 from tilt.math.target import tilted_log_weight
 from tilt.recipes.kl_rl import micro_batches, score_tokens, select
 from tilt.rewards import score_rewards
@@ -127,7 +127,7 @@ def dpg_step(
     target: TiltedTarget,
     prompts: Sequence[Any],
     optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
+    prompt_seeds: Sequence[int],
     state: DPGState,
     *,
     log_diagnostics: bool = True,
@@ -135,7 +135,7 @@ def dpg_step(
     """One step: sample from the proposal, weigh, update. Returns the step's metrics (see docs/dpg.md)."""
     k = config.samples_per_prompt
     sampler = policy if config.mode == "on-policy" else state.proposal
-    rollout = sampler.sample(prompts, k, generator=generator)
+    rollout = sampler.sample(prompts, k, prompt_seeds=prompt_seeds)
     mask = rollout.completion_mask  # (B, T) True where a token counts
     n_seq = len(rollout)
 
@@ -253,7 +253,8 @@ def train(
         set_lr(optimizer, config.lr * lr_factor(step, config.steps, config.lr_schedule, config.warmup_steps))
         batch = [prompts[i] for i in prompt_indices(len(prompts), step, config.prompts_per_step, config.seed)]
         diag = config.diagnostics_interval > 0 and step % config.diagnostics_interval == 0
-        metrics = dpg_step(config, policy, target, batch, optimizer, step_generator(config.seed, step), state, log_diagnostics=diag)
+        seeds = step_prompt_seeds(config.seed, step, range(len(batch)))
+        metrics = dpg_step(config, policy, target, batch, optimizer, seeds, state, log_diagnostics=diag)
         if config.mode == "adaptive" and (step + 1) % config.proposal_update_interval == 0:
             metrics.update(maybe_update_proposal(config, policy, state))
         if not math.isfinite(metrics["loss"]):

@@ -37,7 +37,7 @@ from tilt.math import importance
 from tilt.math.kl import KL_ESTIMATORS, sequence_kl, token_kl
 from tilt.math.masking import masked_sum
 from tilt.math.pg import kl_shaped_reward, leave_one_out_advantage, ppo_clip_loss, reinforce_loss
-from tilt.recipes.common import build_optimizer, lr_factor, prompt_indices, set_lr, step_generator
+from tilt.recipes.common import build_optimizer, lr_factor, prompt_indices, set_lr, step_prompt_seeds
 from tilt.rewards import RewardFn, score_rewards
 from tilt.rollout import Policy, Rollout
 
@@ -124,11 +124,12 @@ def kl_rl_step(
     reward_fn: RewardFn,
     prompts: Sequence[Any],
     optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
+    prompt_seeds: Sequence[int],
 ) -> dict[str, float]:
-    """One step: sample, score, shape, and update. Returns the step's metrics (see docs/kl_rl.md)."""
+    """One step: sample (prompt p's completions from ``prompt_seeds[p]``), score, shape, and update.
+    Returns the step's metrics (see docs/kl_rl.md)."""
     k = config.samples_per_prompt
-    rollout = policy.sample(prompts, k, generator=generator)
+    rollout = policy.sample(prompts, k, prompt_seeds=prompt_seeds)
     mask = rollout.completion_mask  # (B, T) True where a token counts
     n_seq = len(rollout)
     rewards = score_rewards(reward_fn, rollout.prompts, rollout.completions)  # (B,)
@@ -219,7 +220,8 @@ def train(
     for step in range(start_step, config.steps):
         set_lr(optimizer, config.lr * lr_factor(step, config.steps, config.lr_schedule, config.warmup_steps))
         batch = [prompts[i] for i in prompt_indices(len(prompts), step, config.prompts_per_step, config.seed)]
-        metrics = kl_rl_step(config, policy, ref, reward_fn, batch, optimizer, step_generator(config.seed, step))
+        seeds = step_prompt_seeds(config.seed, step, range(len(batch)))
+        metrics = kl_rl_step(config, policy, ref, reward_fn, batch, optimizer, seeds)
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"step {step}: the loss is {metrics['loss']}; lower the learning rate or check the reward scale")
         if on_step is not None:
