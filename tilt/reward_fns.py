@@ -103,19 +103,20 @@ class SequenceClassifierReward:
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **columns: Any) -> Tensor:
         texts = [p + c for p, c in zip(prompts, completions)]
+        scores = [self.scores(texts[start:start + self.batch_size]).double().cpu() for start in range(0, len(texts), self.batch_size)]
+        return torch.cat(scores)  # (B,)
+
+    def scores(self, texts: Sequence[str]) -> Tensor:
+        """(B,) reward logits of whole texts in one batch, differentiable (used to train the reward model)."""
         device = next(self.model.parameters()).device
-        scores = []
         sides = self.tokenizer.truncation_side, self.tokenizer.padding_side
         self.tokenizer.truncation_side, self.tokenizer.padding_side = "left", "right"
         try:
-            for start in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(texts[start:start + self.batch_size], return_tensors="pt", padding=True,
-                                       truncation=self.max_length is not None, max_length=self.max_length)
-                logits = self.model(**{k: v.to(device) for k, v in batch.items()}).logits  # (b, num_labels)
-                scores.append(logits[:, self.label_index].double().cpu())
+            batch = self.tokenizer(list(texts), return_tensors="pt", padding=True,
+                                   truncation=self.max_length is not None, max_length=self.max_length)
         finally:
             self.tokenizer.truncation_side, self.tokenizer.padding_side = sides
-        return torch.cat(scores)  # (B,)
+        return self.model(**{k: v.to(device) for k, v in batch.items()}).logits[:, self.label_index]  # (B,)
 
 
 def load_reward_model(path: str | Path, *, trust_remote_code: bool = False, device: str = "cpu", batch_size: int = 16,
