@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tilt.cli import data, infalign, lab
+from tilt.cli import data, infalign, lab, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Start with `tilt lab kl-rl`: a small world where the target is known exactly.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    train.add_parser(sub)
     lab.add_parser(sub)
     infalign.add_parser(sub)
     data.add_parser(sub)
