@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tilt.cli import data, infalign, lab, train
+from tilt.cli import data, demo, evaluate, infalign, lab, report, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,8 +17,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     train.add_parser(sub)
     lab.add_parser(sub)
+    evaluate.add_parser(sub)
+    report.add_parser(sub)
     infalign.add_parser(sub)
     data.add_parser(sub)
+    demo.add_parser(sub)
     return parser
 
 

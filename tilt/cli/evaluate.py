@@ -1,0 +1,373 @@
+"""``tilt eval``: reward, KL to a reference and win rates of a model on held-out prompts, with intervals.
+``tilt sample``: completions of a model, plain or through an inference procedure (best-of-N, worst-of-N,
+quasi-rejection sampling, importance resampling).
+
+Both take any local Hugging Face causal LM folder (a ``from_pretrained`` folder, such as a run's ``final/`` or a
+checkpoint) or a hub id already in the local cache; weights load from safetensors only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from tilt.cli.output import fmt, print_json, table
+
+DEFAULT_SAMPLES = 16
+
+
+# --- shared -------------------------------------------------------------------------------------------------------
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="PATH", required=True, help="the model: a from_pretrained folder (e.g. RUN/final) or a cached hub id")
+    p.add_argument("--max-new-tokens", type=int, default=32, metavar="T", help="completion length limit in tokens (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same samples (default 0)")
+    p.add_argument("--batch-size", type=int, default=64, metavar="B", 
+                   help="sequences per sampling call; lower it if memory runs out (default 64)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N", 
+                   help="token budget of a prompt; longer ones are cut from the left (default: no limit)")
+    p.add_argument("--trust-remote-code", action="store_true", 
+                   help="run code shipped with the model (off by default: only for models you trust)")
+
+
+def _load_policy(spec: str, sampling, *, trust_remote_code: bool):
+    from tilt.engine.hf import HFPolicy
+    from tilt.engine.loading import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(spec, trust_remote_code=trust_remote_code)
+    return HFPolicy(model, tokenizer, sampling)
+
+
+def _load_ref(spec: str | None, policy, model_spec: str, sampling, *, trust_remote_code: bool):
+    """The reference: the policy object itself when it names the same model, else a second model that must share
+    the policy's tokenizer (log-probs of one model's tokens under another's vocabulary mean nothing)."""
+    if spec is None or Path(spec).expanduser().resolve() == Path(model_spec).expanduser().resolve():
+        return policy
+    ref = _load_policy(spec, sampling, trust_remote_code=trust_remote_code)
+    if ref.tokenizer.get_vocab() != policy.tokenizer.get_vocab():
+        raise ValueError(f"the reference {spec!r} and the model {model_spec!r} have different tokenizers; KL and "
+                         "log-ratios need the same vocabulary: compare models fine-tuned from the same base")
+    return ref
+
+
+def _prompts(args, tokenizer) -> tuple[list, dict]:
+    """(prompts, other columns) from --prompts FILE (rows checked as the ``prompts`` shape, chats rendered with the
+    tokenizer's template) or from --prompt TEXT; --limit keeps the first rows."""
+    from tilt.data import DataConfig, load_data
+
+    if getattr(args, "prompt", None):
+        return list(args.prompt), {}
+    config = DataConfig(fmt="prompts", max_prompt_tokens=args.max_prompt_tokens,
+                        overlong="truncate" if args.max_prompt_tokens else "error")
+    rows = load_data(args.prompts, config, tokenizer=tokenizer).rows
+    if args.limit:
+        rows = rows[: args.limit]
+    shared = set(rows[0]).intersection(*rows[1:]) - {"prompt", "messages"}
+    return [r["prompt"] for r in rows], {k: [r[k] for r in rows] for k in sorted(shared)}
+
+
+def _reward(specs, *, trust_remote_code: bool):
+    from tilt.reward_fns import reward_from_specs
+
+    return reward_from_specs(specs, trust_remote_code=trust_remote_code)
+
+
+def _progress(total: int, what: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="seq", desc=what, disable=None, file=sys.stderr, leave=False)
+
+
+def _short(text: str, width: int = 70) -> str:
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+# --- tilt eval ----------------------------------------------------------------------------------------------------
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="reward, KL to a reference and win rate against it, with confidence intervals, on held-out prompts",
+        description="Sample --samples completions of every prompt from the model and from the reference, score them "
+        "with the reward, and print: the mean reward of each, KL(model || reference) estimated from the model's "
+        "samples (k1: the summed log-ratio, and k3), and the win rate of the model against the reference (ties count "
+        "one half), each with a bootstrap interval. With --best-of N, also best-of-N against best-of-N and "
+        "worst-of-N against worst-of-N. JSON keys are explained in docs/eval_and_sample.md.",
+        epilog="Example: tilt eval --model runs/r1/final --ref base_model --prompts heldout.jsonl "
+        "--reward rewards.py:positivity --samples 16 --json",
+    )
+    _model_options(p)
+    p.add_argument("--ref", metavar="PATH", required=True, help="the reference model to compare with (same tokenizer), usually the starting point")
+    p.add_argument("--prompts", metavar="FILE", required=True, help="held-out prompts: JSONL/CSV/Parquet with a 'prompt' (or chat 'messages') column")
+    p.add_argument("--limit", type=int, default=0, metavar="P", help="use only the first P prompts (default: all)")
+    p.add_argument("--reward", action="append", required=True, metavar="SPEC",
+                   help="module:function, file.py:function, a reward-model folder, sentiment, length:chars, keywords:a,b, "
+                   "regex:PAT, or WEIGHT*SPEC; repeat to sum several")
+    p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, metavar="K", help=f"completions per prompt from each model (default {DEFAULT_SAMPLES})")
+    p.add_argument("--best-of", type=int, default=0, metavar="N", help="also report best-of-N and worst-of-N win rates (K must be a multiple of N)")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples per interval (default 1000)")
+    p.add_argument("--level", type=float, default=0.95, help="coverage of the intervals (default 0.95)")
+    p.add_argument("--record", metavar="RUN_DIR", default=None,
+                   help="also append the JSON object to RUN_DIR/evals.jsonl, for `tilt report` (win rate against KL across runs)")
+    p.add_argument("--show", type=int, default=3, metavar="M", help="sample pairs printed below the table (default 3; not with --json)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(run=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from tilt.engine.hf import SamplingConfig
+    from tilt.evaluation import EvalConfig, evaluate
+
+    if args.record and not Path(args.record).is_dir():  # before any sampling
+        raise FileNotFoundError(f"--record: run directory not found: {args.record!r}")
+    config = EvalConfig(samples_per_prompt=args.samples, best_of=args.best_of, num_resamples=args.resamples, level=args.level,
+                        batch_size=args.batch_size, seed=args.seed)
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)  # exact sampling: the KL is of the model itself
+    reward_fn = _reward(args.reward, trust_remote_code=args.trust_remote_code)
+    policy = _load_policy(args.model, sampling, trust_remote_code=args.trust_remote_code)
+    ref = _load_ref(args.ref, policy, args.model, sampling, trust_remote_code=args.trust_remote_code)
+    prompts, columns = _prompts(args, policy.tokenizer)
+    with _progress(2 * len(prompts) * args.samples, "sampling") as bar:
+        result = evaluate(config, policy, ref, reward_fn, prompts, columns=columns, progress=bar.update)
+    m = result.metrics
+    report = {"model": args.model, "ref": args.ref, "reward": args.reward if len(args.reward) > 1 else args.reward[0],
+              "max_new_tokens": args.max_new_tokens, "seed": args.seed, **m}
+    if args.record:
+        record_eval(args.record, report)
+    if args.json:
+        print_json(report)
+        return 0
+    pct = f"{round(100 * args.level)}%"
+    print(f"\n{args.model} against {args.ref}: {m['prompts']} prompts x {m['samples_per_prompt']} samples from each, "
+          f"reward {report['reward']}\n")
+    rows = [("mean reward, model", "reward_mean"), ("mean reward, reference", "ref_reward_mean"),
+            ("KL(model || ref), k1", "kl_ref"), ("KL(model || ref), k3", "kl_ref_k3"), ("win rate vs reference", "win_rate")]
+    if args.best_of:
+        rows += [(f"best-of-{args.best_of} win rate", "win_rate_bon"), (f"worst-of-{args.best_of} win rate", "win_rate_won")]
+    print(table(["quantity", "estimate", f"{pct} low", f"{pct} high"], [(name, m[k], *m[f"{k}_ci"]) for name, k in rows]))
+    print(f"\nmean length {m['completion_length']:.1f} tokens (reference {m['ref_completion_length']:.1f}); "
+          f"{100 * m['truncated_fraction']:.0f}% hit the length limit (reference {100 * m['ref_truncated_fraction']:.0f}%)")
+    for i in range(min(args.show, len(prompts))):
+        print(f"\nprompt:    {_short(str(prompts[i]))}")
+        print(f"  model:     [{fmt(result.policy.rewards[i, 0].item())}] {_short(result.policy.completions[i][0])}")
+        print(f"  reference: [{fmt(result.ref.rewards[i, 0].item())}] {_short(result.ref.completions[i][0])}")
+    return 0
+
+
+def record_eval(run_dir: str, report: dict) -> Path:
+    """Append ``report`` as one line of RUN_DIR/evals.jsonl (one write of the whole line, then a flush)."""
+    from tilt.cli.output import strict_json
+
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--record: run directory not found: {run_dir!r}")
+    path = folder / "evals.jsonl"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(strict_json(report), allow_nan=False) + "\n")
+        f.flush()
+    return path
+
+
+# --- tilt sample --------------------------------------------------------------------------------------------------
+def add_sample_parser(sub) -> None:
+    p = sub.add_parser(
+        "sample",
+        help="sample completions: plain, best-of-N, worst-of-N, quasi-rejection or importance resampling",
+        description="Print completions of each prompt. Plain sampling draws --n per prompt. Inference procedures "
+        "(need --reward): --best-of N returns the highest-reward of N samples, --worst-of N the lowest, --n times per "
+        "prompt. Samplers of the tilted target pi* ∝ pi_ref exp(r/beta) (need --reward and --beta; the reference is "
+        "--ref, or the model itself): --qrs-beta Q keeps each of --candidates samples with probability "
+        "min(1, w/Q), w = pi*/model up to a constant (quasi-rejection sampling); --sir K draws --n of K candidates in "
+        "proportion to w (sampling-importance-resampling).",
+        epilog="Example: tilt sample --model base --prompt 'The movie was' --best-of 8 --reward sentiment --n 2",
+    )
+    _model_options(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", metavar="FILE", help="prompts file (JSONL/CSV/Parquet with a 'prompt' or 'messages' column)")
+    src.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt; repeat for several")
+    p.add_argument("--limit", type=int, default=0, metavar="P", help="use only the first P prompts of --prompts (default: all)")
+    p.add_argument("--n", type=int, default=1, help="outputs per prompt (plain, best-of, worst-of, sir) (default 1)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--best-of", type=int, default=0, metavar="N", help="best-of-N: keep the highest-reward of N samples")
+    how.add_argument("--worst-of", type=int, default=0, metavar="N", help="worst-of-N: keep the lowest-reward of N samples")
+    how.add_argument("--qrs-beta", type=float, default=None, metavar="Q", 
+                     help="quasi-rejection sampling toward pi* with parameter Q > 0 (larger: closer to pi*, fewer accepted)")
+    how.add_argument("--sir", type=int, default=0, metavar="K", help="sampling-importance-resampling toward pi* from K candidates per prompt")
+    p.add_argument("--reward", action="append", metavar="SPEC", help="reward spec (as in tilt eval); scores plain samples too")
+    p.add_argument("--ref", metavar="PATH", default=None, help="reference (prior) of pi* for --qrs-beta / --sir (default: the model)")
+    p.add_argument("--beta", type=float, default=None, help="KL coefficient (temperature) of pi* for --qrs-beta / --sir")
+    p.add_argument("--candidates", type=int, default=16, metavar="K", help="candidates per prompt for --qrs-beta (default 16)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1: the model itself)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1 = off (default)")
+    p.add_argument("--out", metavar="FILE.jsonl", default=None, help="also write the samples as JSON Lines {prompt, completion, reward}")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(run=run_sample)
+
+
+def add_parser(sub) -> None:
+    """Adds ``tilt eval`` and ``tilt sample``."""
+    add_eval_parser(sub)
+    add_sample_parser(sub)
+
+
+def _sample_mode(args) -> str:
+    if args.best_of:
+        return "best-of-n"
+    if args.worst_of:
+        return "worst-of-n"
+    if args.qrs_beta is not None:
+        return "qrs"
+    if args.sir:
+        return "sir"
+    return "plain"
+
+
+def _check_sample_args(args, mode: str) -> None:
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    if mode != "plain" and not args.reward:
+        raise ValueError(f"{mode} needs a reward: add --reward SPEC")
+    if mode in ("best-of-n", "worst-of-n") and (args.best_of or args.worst_of) < 1:
+        raise ValueError("N of best-of-N / worst-of-N must be >= 1")
+    if mode in ("qrs", "sir"):
+        if args.beta is None or not args.beta > 0:
+            raise ValueError(f"{mode} samples pi* ∝ pi_ref exp(r/beta): give --beta > 0")
+        if mode == "qrs" and not args.qrs_beta > 0:
+            raise ValueError(f"--qrs-beta must be > 0, got {args.qrs_beta}")
+        if mode == "qrs" and args.candidates < 1:
+            raise ValueError(f"--candidates must be >= 1, got {args.candidates}")
+    elif args.ref is not None or args.beta is not None:
+        raise ValueError("--ref and --beta only apply to --qrs-beta and --sir")
+
+
+@torch.no_grad()
+def run_sample(args: argparse.Namespace) -> int:
+    from tilt.engine.hf import SamplingConfig
+
+    mode = _sample_mode(args)
+    _check_sample_args(args, mode)
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    reward_fn = _reward(args.reward, trust_remote_code=args.trust_remote_code) if args.reward else None
+    policy = _load_policy(args.model, sampling, trust_remote_code=args.trust_remote_code)
+    prompts, _ = _prompts(args, policy.tokenizer)  # sampling scores the text only; tilt eval passes other columns on
+    g = torch.Generator().manual_seed(args.seed)
+    report: dict = {"model": args.model, "mode": mode, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "seed": args.seed}
+    per_prompt = {"plain": args.n, "best-of-n": args.n * (args.best_of or 1), "worst-of-n": args.n * (args.worst_of or 1),
+                  "qrs": args.candidates, "sir": args.sir}[mode]  # sequences sampled per prompt
+    step = max(1, args.batch_size // per_prompt)
+    chunks = [prompts[i:i + step] for i in range(0, len(prompts), step)]
+    if mode == "plain":
+        rows = _sample_plain(policy, chunks, args.n, reward_fn, g, report)
+    elif mode in ("best-of-n", "worst-of-n"):
+        rows = _sample_best_or_worst(policy, chunks, args, mode, reward_fn, g, report)
+    else:
+        ref = _load_ref(args.ref, policy, args.model, SamplingConfig(max_new_tokens=args.max_new_tokens),
+                        trust_remote_code=args.trust_remote_code)
+        rows = _sample_posterior(policy, ref, chunks, args, mode, reward_fn, g, report)
+    report["samples"] = rows
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps({k: r[k] for k in ("prompt", "completion", "reward") if k in r}, ensure_ascii=False) + "\n")
+    if args.json:
+        print_json(report)
+        return 0
+    _print_samples(report, rows)
+    return 0
+
+
+def _sample_plain(policy, chunks, n, reward_fn, g, report) -> list[dict]:
+    from tilt.rewards import score_rewards
+
+    report["n"] = n
+    rows = []
+    for chunk in chunks:
+        rollout = policy.sample(chunk, n, generator=g)
+        rewards = score_rewards(reward_fn, rollout.prompts, rollout.completions).tolist() if reward_fn else None
+        for i, (x, y) in enumerate(zip(rollout.prompts, rollout.completions)):
+            rows.append({"prompt": x, "completion": y, **({"reward": rewards[i]} if rewards is not None else {})})
+    return rows
+
+
+def _sample_best_or_worst(policy, chunks, args, mode, reward_fn, g, report) -> list[dict]:
+    """--n selections per prompt, each the best (worst) of N fresh samples (tilt.bon)."""
+    from tilt.bon import best_of_n, worst_of_n
+
+    n = args.best_of or args.worst_of
+    report.update({"n": args.n, "best_of" if mode == "best-of-n" else "worst_of": n})
+    pick = best_of_n if mode == "best-of-n" else worst_of_n
+    rows, chosen, candidates = [], [], []
+    for chunk in chunks:
+        repeated = [x for x in chunk for _ in range(args.n)]
+        sel = pick(policy, repeated, n, reward_fn, generator=g)
+        for i, x in enumerate(repeated):
+            rows.append({"prompt": x, "completion": sel.completions[i], "reward": sel.rewards[i].item(),
+                         "index": int(sel.index[i]), "candidate_rewards": sel.all_rewards[i].tolist()})
+        chosen.append(sel.rewards)
+        candidates.append(sel.all_rewards.flatten())
+    report["mean_reward"] = torch.cat(chosen).mean().item()
+    report["mean_candidate_reward"] = torch.cat(candidates).mean().item()
+    return rows
+
+
+def _sample_posterior(policy, ref, chunks, args, mode, reward_fn, g, report) -> list[dict]:
+    """QRS or SIR toward pi* ∝ ref exp(r/beta), with the model as the proposal (tilt.posterior)."""
+    from tilt.math.importance import effective_sample_size
+    from tilt.posterior import qrs_estimates, quasi_rejection_sample, sir_sample
+    from tilt.rewards import score_rewards
+    from tilt.target import TiltedTarget
+
+    target = TiltedTarget(ref, reward_fn, args.beta)
+    report.update(beta=args.beta, ref=args.ref or args.model)
+    rows, log_weights, kept_count = [], [], 0
+    k = args.candidates if mode == "qrs" else args.sir
+    for chunk in chunks:
+        if mode == "qrs":
+            cand = quasi_rejection_sample(target, chunk, k, qrs_beta=args.qrs_beta, generator=g, proposal=policy)
+            kept = cand.keep.nonzero().flatten().tolist()
+        else:
+            cand = sir_sample(target, chunk, k, args.n, generator=g, proposal=policy)
+            kept = cand.indices.tolist()
+        log_weights.append(cand.log_weights.view(len(chunk), k))
+        kept_count += len(kept)
+        ro = cand.rollout
+        rewards = score_rewards(reward_fn, [ro.prompts[i] for i in kept], [ro.completions[i] for i in kept]).tolist() if kept else []
+        for j, i in enumerate(kept):
+            rows.append({"prompt": ro.prompts[i], "completion": ro.completions[i], "reward": rewards[j],
+                         "log_weight": cand.log_weights[i].item()})
+    log_w = torch.cat(log_weights)  # (P, K)
+    report["candidates"] = k
+    if mode == "qrs":
+        est = qrs_estimates(log_w, qrs_beta=args.qrs_beta)
+        report.update(qrs_beta=args.qrs_beta, accepted=kept_count, acceptance_rate=kept_count / log_w.numel(),
+                      acceptance_rate_estimate=est["acceptance_rate"].mean().item(), tv_estimate=est["tv"].mean().item(),
+                      kl_target_sampler_estimate=est["kl_target_sampler"].mean().item())
+    else:
+        report.update(n=args.n, ess=effective_sample_size(log_w).mean().item())
+    return rows
+
+
+def _print_samples(report: dict, rows: list[dict]) -> None:
+    mode = report["mode"]
+    head = {"plain": "samples", "best-of-n": f"best of {report.get('best_of')}", "worst-of-n": f"worst of {report.get('worst_of')}",
+            "qrs": f"quasi-rejection sampling (Q = {report.get('qrs_beta')}, beta = {report.get('beta')})",
+            "sir": f"importance resampling from {report.get('candidates')} candidates (beta = {report.get('beta')})"}[mode]
+    print(f"\n{report['model']}: {head}\n")
+    last = None
+    for r in rows:
+        if r["prompt"] != last:
+            print(f"prompt: {_short(str(r['prompt']), 100)}")
+            last = r["prompt"]
+        score = f"[{fmt(r['reward'])}] " if "reward" in r else ""
+        print(f"  {score}{_short(r['completion'], 100)}")
+    if mode == "qrs":
+        print(f"\naccepted {report['accepted']} of {report['prompts'] * report['candidates']} candidates "
+              f"(rate {report['acceptance_rate']:.3f}); estimated TV(pi*, sampler) {report['tv_estimate']:.3f}, "
+              f"KL(pi* || sampler) {report['kl_target_sampler_estimate']:.3f}")
+    elif mode == "sir":
+        print(f"\neffective sample size of the candidates: {report['ess']:.2f} of {report['candidates']} per prompt")
+    elif mode in ("best-of-n", "worst-of-n"):
+        print(f"\nmean reward {report['mean_reward']:.4f} (mean over all candidates {report['mean_candidate_reward']:.4f})")
