@@ -15,6 +15,10 @@ elsewhere). Its log-probs on every pair are computed once, before training, and 
 Batch semantics: a step takes ``pairs_per_step`` pairs; an epoch is one pass over a seeded permutation of the
 pairs. Loss reduction: mean over the pairs of the step, whatever the micro-batch split.
 The recipe sees only the ``Policy`` protocol.
+
+Several processes (``torchrun``; docs/distributed.md): rank r takes the r-th contiguous shard of each step's
+pairs; the loss is divided by the global number of pairs of the step and gradients are summed across ranks, so the
+updates do not depend on the number of processes. Every rank computes the reference log-probs of all pairs once.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from tilt import distributed
 from tilt.math.masking import masked_sum
 from tilt.math.preference import dpo_margin, dpo_sigmoid_loss, ipo_loss
 from tilt.recipes.common import build_optimizer, prompt_indices
@@ -115,38 +120,51 @@ def train(
     ref_logprobs: tuple[Tensor, Tensor] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    start_step: int = 0,
 ) -> torch.optim.Optimizer:
     """Train ``policy`` by DPO on ``pairs`` against ``ref`` (any policy; not necessarily the initial one).
 
     ``ref_logprobs`` = (chosen, rejected) reference log-probs, if already computed; otherwise computed once here.
-    ``on_step(step, metrics)`` gets loss, reward_margin (mean beta*h), accuracy (fraction with h > 0).
+    ``on_step(step, metrics)`` gets loss, reward_margin (mean beta*h), accuracy (fraction with h > 0), over the
+    whole step (all ranks). ``start_step`` resumes a run: steps before it are skipped (the pair order is a pure
+    function of the step). Under several processes, ``pairs_per_step`` must be a multiple of the world size.
     """
     n = len(pairs)
     if n == 0:
         raise ValueError("no preference pairs to train on")
+    distributed.check_same_config({"recipe": "dpo", **asdict(config), "pairs": distributed.config_hash(
+        [pairs.chosen.prompts, pairs.chosen.completions, pairs.rejected.completions])})
+    positions = list(distributed.shard_positions(config.pairs_per_step))  # all positions in one process
     ref_chosen, ref_rejected = ref_logprobs if ref_logprobs is not None else reference_logprobs(ref, pairs, config.micro_batch_size)
     optimizer = optimizer or build_optimizer(config.optimizer, policy.parameters(), config.lr)
     loss_fn = LOSSES[config.loss_type]
     steps = math.ceil(config.epochs * n / config.pairs_per_step)
-    for step in range(steps):
-        index = torch.tensor(prompt_indices(n, step, config.pairs_per_step, config.seed))  # epochs of a seeded permutation
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for step in range(start_step, steps):
+        step_pairs = prompt_indices(n, step, config.pairs_per_step, config.seed)  # epochs of a seeded permutation
+        n_step = len(step_pairs)  # pairs of the step over all ranks
+        index = torch.tensor([step_pairs[p] for p in positions])  # this rank's shard (all of them in one process)
         optimizer.zero_grad(set_to_none=True)
         totals = {"loss": 0.0, "reward_margin": 0.0, "accuracy": 0.0}
-        for part in _chunks(len(index), config.micro_batch_size):
+        parts = _chunks(len(index), config.micro_batch_size)
+        for i, part in enumerate(parts):
             sub = index[part]
             chosen, rejected = take(pairs.chosen, sub), take(pairs.rejected, sub)
             lp_c = masked_sum(policy.token_logprobs(chosen), chosen.completion_mask)  # (b,)
             lp_r = masked_sum(policy.token_logprobs(rejected), rejected.completion_mask)
             per_pair = loss_fn(lp_c, lp_r, ref_chosen[sub], ref_rejected[sub], beta=config.beta)  # (b,)
-            loss = per_pair.sum() / len(index)  # the one reduction: mean over the step's pairs
-            loss.backward()
+            loss = per_pair.sum() / n_step  # the one reduction: mean over the step's pairs (of all ranks)
+            with distributed.accumulate(policy, sync=i == len(parts) - 1):
+                loss.backward()
             h = dpo_margin(lp_c, lp_r, ref_chosen[sub], ref_rejected[sub]).detach()
             totals["loss"] += loss.item()
-            totals["reward_margin"] += config.beta * h.sum().item() / len(index)
-            totals["accuracy"] += (h > 0).to(torch.float64).sum().item() / len(index)
+            totals["reward_margin"] += config.beta * h.sum().item() / n_step
+            totals["accuracy"] += (h > 0).to(torch.float64).sum().item() / n_step
+        distributed.reduce_gradients(policy, params)  # sum over ranks; nothing in one process
         if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
+        totals = dict(zip(totals, distributed.all_sum(list(totals.values()))))
         if not math.isfinite(totals["loss"]):
             raise FloatingPointError(f"step {step}: the loss is {totals['loss']}; lower the learning rate")
         if on_step is not None:

@@ -24,6 +24,11 @@ function, and there is no adaptive KL controller (beta is fixed). Loss reduction
 of the step, whatever the micro-batch split (tests check the split does not change the gradient).
 
 The recipe sees only the ``Policy`` protocol, so it runs unchanged on Hugging Face models and in the lab.
+
+Several processes (``torchrun``; docs/distributed.md): each rank samples and trains on its contiguous shard of the
+step's prompts (all K samples of a prompt on one rank), each prompt seeded by its global position; the loss is
+divided by the global number of sequences and gradients are summed across ranks, so a run gives the same updates
+whatever the number of processes. Metrics are computed on the per-sequence values gathered from every rank.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from tilt import distributed
 from tilt.math import importance
 from tilt.math.kl import KL_ESTIMATORS, sequence_kl, token_kl
 from tilt.math.masking import masked_sum
@@ -127,11 +133,14 @@ def kl_rl_step(
     prompt_seeds: Sequence[int],
 ) -> dict[str, float]:
     """One step: sample (prompt p's completions from ``prompt_seeds[p]``), score, shape, and update.
-    Returns the step's metrics (see docs/kl_rl.md)."""
+    Returns the step's metrics (see docs/kl_rl.md).
+
+    Under several processes, ``prompts`` and ``prompt_seeds`` are this rank's shard of the step; the loss is
+    divided by the global number of sequences, gradients are summed and metrics computed over all ranks."""
     k = config.samples_per_prompt
     rollout = policy.sample(prompts, k, prompt_seeds=prompt_seeds)
     mask = rollout.completion_mask  # (B, T) True where a token counts
-    n_seq = len(rollout)
+    n_seq = distributed.all_sum_int(len(rollout))  # the step's sequences over all ranks (len(rollout) in one process)
     rewards = score_rewards(reward_fn, rollout.prompts, rollout.completions)  # (B,)
 
     ref_tok = score_tokens(ref, rollout, config.micro_batch_size)  # (B, T)
@@ -148,9 +157,11 @@ def kl_rl_step(
     estimator = KL_ESTIMATORS[config.kl_estimator]
 
     totals = {"loss": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    parts = micro_batches(len(rollout), config.micro_batch_size)
     for _epoch in range(config.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
-        for part in micro_batches(n_seq, config.micro_batch_size):
+        for i, part in enumerate(parts):
             sub = select(rollout, part)
             tok = policy.token_logprobs(sub)  # (b, T) with grad
             if config.ppo_epochs == 1:
@@ -165,16 +176,23 @@ def kl_rl_step(
                 else:
                     kl = token_kl(estimator, tok, ref_tok[part], sub.completion_mask)
                 per_seq = per_seq + config.beta * kl
-            loss = per_seq.sum() / n_seq  # the one reduction: mean over the step's sequences
-            loss.backward()
+            loss = per_seq.sum() / n_seq  # the one reduction: mean over the step's sequences (of all ranks)
+            with distributed.accumulate(policy, sync=i == len(parts) - 1):
+                loss.backward()
             totals["loss"] += loss.item() / config.ppo_epochs
             totals["clip_fraction"] += clipped.item() / n_seq / config.ppo_epochs
+        distributed.reduce_gradients(policy, params)  # sum over ranks; nothing in one process
         if config.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(
-                [p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm
-            )
-            totals["grad_norm"] += float(norm) / config.ppo_epochs
+            norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            totals["grad_norm"] += distributed.as_float(norm) / config.ppo_epochs
         optimizer.step()
+    totals["loss"], totals["clip_fraction"] = distributed.all_sum([totals["loss"], totals["clip_fraction"]])
+
+    # metrics over the whole step: per-sequence values of every rank, in global batch order
+    lengths = mask.sum(-1)  # (B,)
+    rewards, old_seq, ref_seq, advantages, lengths, truncated = distributed.all_gather_cat(
+        rewards, old_seq, ref_seq, advantages, lengths, rollout.truncated
+    )
 
     kl_seq = old_seq - ref_seq  # (B,) k1 per sequence on fresh samples
     posterior = {}
@@ -190,8 +208,8 @@ def kl_rl_step(
         "shaped_reward": kl_shaped_reward(rewards, old_seq, ref_seq, beta=config.beta).mean().item(),
         "entropy": -old_seq.mean().item(),
         "advantage_abs": advantages.abs().mean().item(),
-        "completion_length": mask.sum(-1).float().mean().item(),
-        "truncated_fraction": rollout.truncated.float().mean().item(),
+        "completion_length": lengths.float().mean().item(),
+        "truncated_fraction": truncated.float().mean().item(),
         **totals,
         **posterior,
     }
@@ -211,16 +229,23 @@ def train(
     """Run ``config.steps`` steps of KL-regularised RL of ``policy`` toward pi* ∝ ref * exp(reward / beta).
 
     ``ref`` may be any policy with the same vocabulary, not necessarily the initial one (Tiapkin et al. 2023
-    regularise toward a behaviour-cloned policy). ``on_step(step, metrics)`` is called after each step.
+    regularise toward a behaviour-cloned policy). ``on_step(step, metrics)`` is called after each step, on every
+    rank, with the metrics of the whole step (write them from ``distributed.is_main()`` only).
     Returns the optimizer (its state is what a checkpoint needs besides the policy and the step number).
+
+    Under several processes (``distributed.init``), every rank passes the same config and prompts; rank r takes the
+    r-th contiguous shard of each step's ``prompts_per_step`` prompts (which must divide evenly).
     """
     if len(prompts) == 0:
         raise ValueError("no prompts to train on")
+    distributed.check_same_config({"recipe": "kl_rl", **asdict(config), "prompts": distributed.config_hash(list(prompts))})
+    positions = distributed.shard_positions(config.prompts_per_step)  # range(prompts_per_step) in one process
     optimizer = optimizer or build_optimizer(config.optimizer, policy.parameters(), config.lr)
     for step in range(start_step, config.steps):
         set_lr(optimizer, config.lr * lr_factor(step, config.steps, config.lr_schedule, config.warmup_steps))
-        batch = [prompts[i] for i in prompt_indices(len(prompts), step, config.prompts_per_step, config.seed)]
-        seeds = step_prompt_seeds(config.seed, step, range(len(batch)))
+        step_prompts = prompt_indices(len(prompts), step, config.prompts_per_step, config.seed)  # global list
+        batch = [prompts[step_prompts[p]] for p in positions]
+        seeds = step_prompt_seeds(config.seed, step, positions)  # by global position: same samples at any world size
         metrics = kl_rl_step(config, policy, ref, reward_fn, batch, optimizer, seeds)
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"step {step}: the loss is {metrics['loss']}; lower the learning rate or check the reward scale")

@@ -1,0 +1,197 @@
+"""Recipes under torch.distributed: 2 processes on CPU (gloo), launched by torchrun, against 1 process.
+
+The multi-process tests share three launches of tests/dist_worker.py (each launch costs seconds of imports per
+process), made once by a fixture:
+  1. uninterrupted KL-RL (DDP), DPO (DDP) and KL-RL (FSDP2); then a copy of the KL-RL (DDP) job in which rank 1 is
+     killed with SIGKILL in the middle of step 2 (the launch fails);
+  2. that copy relaunched with resume; then a copy of the KL-RL (FSDP2) job killed the same way;
+  3. the FSDP2 copy relaunched with resume; then the error cases (ranks with different configs, a rank that dies;
+     the launch fails).
+"""
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tilt import distributed
+from tilt.recipes import dpo, kl_rl
+from tilt.recipes.common import build_optimizer
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("dist_worker", ROOT / "tests" / "dist_worker.py")
+worker = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(worker)
+
+
+# --- single process: no process group, identity helpers -------------------------------------------------------------
+def test_single_process_creates_no_process_group(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.init(timeout_s=1) is False
+    assert not dist.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.init(timeout_s=1) is False and not dist.is_initialized()
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+    x = torch.randn(3)
+    assert distributed.all_gather_cat(x)[0] is x
+    assert distributed.all_sum([1.5, 2.0]) == [1.5, 2.0] and distributed.all_sum_int(7) == 7
+    distributed.check_same_config({"a": 1})  # nothing to compare with
+
+
+def test_shards_are_contiguous_equal_and_cover_the_step():
+    shards = [distributed.shard_positions(6, r, 3) for r in range(3)]
+    assert [list(s) for s in shards] == [[0, 1], [2, 3], [4, 5]]
+    assert list(distributed.shard_positions(4, 0, 1)) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="cannot be split evenly over 4 processes: use a multiple of 4 \\(e.g. 8\\)"):
+        distributed.shard_positions(6, 0, 4)
+
+
+def test_config_hash_sees_every_field():
+    base = {"recipe": "kl_rl", **kl_rl.config_dict(kl_rl.KLRLConfig())}
+    assert distributed.config_hash(base) == distributed.config_hash(dict(reversed(list(base.items()))))
+    assert distributed.config_hash(base) != distributed.config_hash({**base, "lr": base["lr"] * 2})
+
+
+def test_single_process_checkpoint_resumes_exactly(tmp_path):
+    """save_checkpoint / load_checkpoint (torch.distributed.checkpoint) without a process group."""
+    config, policy, ref, tok = worker.build_kl_rl()
+    history = []
+    kl_rl.train(config, policy, ref, worker.share_of_a, worker.PROMPTS, on_step=lambda s, m: history.append(m["loss"]))
+
+    config, policy, ref, tok = worker.build_kl_rl()
+    optimizer = build_optimizer("adamw", policy.parameters(), config.lr)
+    first = []
+
+    def save(step, metrics):
+        first.append(metrics["loss"])
+        distributed.save_checkpoint(tmp_path, step + 1, policy.model, optimizer)
+
+    kl_rl.train(kl_rl.KLRLConfig(**{**kl_rl.config_dict(config), "steps": 2}), policy, ref, worker.share_of_a, worker.PROMPTS,
+                optimizer=optimizer, on_step=save)
+    config, policy2, ref, tok = worker.build_kl_rl()
+    optimizer = build_optimizer("adamw", policy2.parameters(), config.lr)
+    state = distributed.load_checkpoint(distributed.latest_checkpoint(tmp_path), policy2.model, optimizer)
+    assert state["step"] == 2 and sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-00000001", "step-00000002"]
+    rest = []
+    kl_rl.train(config, policy2, ref, worker.share_of_a, worker.PROMPTS, optimizer=optimizer, start_step=2,
+                on_step=lambda s, m: rest.append(m["loss"]))
+    assert first + rest == history  # the uninterrupted run's losses, bit for bit
+    config, whole, ref, tok = worker.build_kl_rl()
+    kl_rl.train(config, whole, ref, worker.share_of_a, worker.PROMPTS)
+    for name, w in whole.model.state_dict().items():
+        assert torch.equal(w, policy2.model.state_dict()[name]), name
+
+
+# --- two processes -------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(out: Path, *jobs: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(ROOT / "tests" / "dist_worker.py"), str(out), *jobs]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TILT_DIST_TIMEOUT_S": "20", "PYTHONPATH": str(ROOT)}
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    results = {"first": launch(out, "kl_rl:ddp", "dpo:ddp", "kl_rl:fsdp", "kl_rl:ddp:crash2")}
+    results["second"] = launch(out, "kl_rl:ddp:resume", "kl_rl:fsdp:crash2")
+    results["third"] = launch(out, "kl_rl:fsdp:resume", "errors")
+    return out, results
+
+
+def read_run(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    result = json.loads((folder / "result.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(folder / "final")
+    return rows, result, model.state_dict()
+
+
+def assert_close_weights(exported: dict, model: torch.nn.Module):
+    for name, w in model.state_dict().items():
+        torch.testing.assert_close(exported[name], w, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def single_process_kl_rl():
+    config, policy, ref, tok = worker.build_kl_rl()
+    history = []
+    kl_rl.train(config, policy, ref, worker.share_of_a, worker.PROMPTS, on_step=lambda s, m: history.append(m))
+    return history, policy.model
+
+
+def killed(proc: subprocess.CompletedProcess) -> bool:
+    """The launch failed because a rank was killed by SIGKILL (torchrun reports it, then exits with 1)."""
+    return proc.returncode != 0 and "(SIGKILL)" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_kl_rl_and_dpo(runs):
+    out, results = runs
+    assert killed(results["first"]), results["first"].stderr[-3000:]  # the launch ends with a killed job
+    history, model = single_process_kl_rl()
+    for mode in ("ddp", "fsdp"):  # FSDP2: sharded weights, gathered for sampling, exported to from_pretrained
+        rows, result, weights = read_run(out / f"kl_rl-{mode}")
+        assert result == {"world_size": 2, "start_step": 0}
+        assert [r["step"] for r in rows] == list(range(len(history)))
+        for key in ("loss", "reward", "reward_std", "kl_ref", "completion_length", "target_ess", "grad_norm"):
+            assert [r[key] for r in rows] == pytest.approx([m[key] for m in history], rel=1e-4, abs=1e-6), (mode, key)
+        assert_close_weights(weights, model)
+
+    config, policy, ref, tok = worker.build_kl_rl()
+    dpo_config, pairs = worker.build_dpo(policy)
+    dpo_history = []
+    dpo.train(dpo_config, policy, ref, pairs, on_step=lambda s, m: dpo_history.append(m))
+    rows, result, weights = read_run(out / "dpo-ddp")
+    assert result["world_size"] == 2 and len(rows) == len(dpo_history) == 4
+    for key in ("loss", "reward_margin", "accuracy"):
+        assert [r[key] for r in rows] == pytest.approx([m[key] for m in dpo_history], rel=1e-4, abs=1e-6), key
+    assert_close_weights(weights, policy.model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_kill_minus_9_then_resume_reproduces_the_uninterrupted_run(runs, mode):
+    out, results = runs
+    crashed = results["first"] if mode == "ddp" else results["second"]
+    assert killed(crashed), crashed.stderr[-3000:]
+    whole_rows, whole_result, whole = read_run(out / f"kl_rl-{mode}")
+    rows, result, resumed = read_run(out / f"kl_rl-{mode}-restarted")
+    assert result == {"world_size": 2, "start_step": 2}  # it did resume, from the checkpoint of 2 steps
+    assert rows == whole_rows  # every metric of every step, bit for bit
+    for name, w in whole.items():
+        assert torch.equal(resumed[name], w), name
+
+
+@pytest.mark.slow
+def test_clear_errors_when_configs_differ_or_a_rank_dies(runs):
+    out, results = runs
+    assert results["third"].returncode != 0 and "exitcode  : 3" in results["third"].stderr
+    for r in (0, 1):
+        text = (out / f"mismatch-rank{r}.txt").read_text()
+        assert f"rank {r}: the ranks were launched with different configs" in text and "ranks [1] differ from rank 0" in text
+    died = (out / "died-rank0.txt").read_text()
+    assert "rank 0 of 2: an all-reduce of metrics failed" in died and "Another rank has died" in died
+
+
+def test_a_rank_that_never_arrives_fails_within_the_timeout(monkeypatch):
+    """Rank 0 of 2 alone: the rendezvous gives up after the finite timeout with a clear error."""
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(distributed.RankFailure, match="could not join the process group of 2 processes within 1 s"):
+        distributed.init(timeout_s=1, backend="gloo")
+    assert not dist.is_initialized()
