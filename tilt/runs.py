@@ -45,7 +45,7 @@ checkpoint (after the weights, before the trainer state and the rename), to test
 
 
 # --- small file-system helpers ------------------------------------------------------------------------------------
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -53,13 +53,13 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(folder: Path) -> None:
+def fsync_tree(folder: Path) -> None:
     """fsync every file under ``folder``, then the folders themselves (so their entries are on disk too)."""
     for root, dirs, files in os.walk(folder):
         for name in files:
-            _fsync_path(Path(root) / name)
+            fsync_path(Path(root) / name)
     for root, dirs, files in os.walk(folder, topdown=False):
-        _fsync_path(Path(root))
+        fsync_path(Path(root))
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -71,7 +71,7 @@ def write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_path(path.parent)
+    fsync_path(path.parent)
 
 
 def append_jsonl(path: Path, row: dict) -> None:
@@ -130,11 +130,11 @@ def create_run(run_dir: str | Path, config: dict, initial_samples: list[dict] = 
     (tmp / "config.yaml").write_text(dump_config(config), encoding="utf-8")
     (tmp / "metrics.jsonl").write_text("", encoding="utf-8")
     (tmp / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in initial_samples), encoding="utf-8")
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     if run.exists():
         run.rmdir()  # empty, checked above
     os.replace(tmp, run)
-    _fsync_path(run.parent)
+    fsync_path(run.parent)
     return run
 
 
@@ -269,13 +269,13 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer:
     state = {"format": FORMAT_VERSION, "step": step, "data_position": {"step": step}, "rng": rng,
              "optimizer": optim_tree, "extra": extra or {}}
     (tmp / STATE_JSON).write_text(json.dumps(state, indent=1), encoding="utf-8")
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     if final.exists():  # a complete checkpoint of this step from before a resume: set it aside first
         aside = folder / f".tmp-old-{final.name}-{os.getpid()}"
         os.replace(final, aside)
         shutil.rmtree(aside)
     os.replace(tmp, final)
-    _fsync_path(folder)
+    fsync_path(folder)
     write_atomic(folder / LATEST, final.name + "\n")
     if keep > 0:
         for _, old in list_checkpoints(run_dir)[:-keep]:
@@ -318,11 +318,11 @@ def save_final(run_dir: str | Path, model, tokenizer) -> Path:
     model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_path(run)
+    fsync_path(run)
     return final
 
 

@@ -203,6 +203,9 @@ def add_parser(sub) -> None:
     train_sub = train.add_subparsers(dest="recipe", metavar="RECIPE", required=True)
     add_recipe_parser(train_sub, "kl-rl", "KL-regularised RL (REINFORCE with a leave-one-out baseline, or PPO-clip) toward "
                       "pi* ∝ pi_ref exp(r/beta)")
+    from tilt.cli.pipelines import add_train_parsers  # here: the pipelines reuse this module's YAML loader
+
+    add_train_parsers(train_sub)
 
 
 def add_recipe_parser(train_sub, recipe: str, summary: str) -> argparse.ArgumentParser:
@@ -300,11 +303,16 @@ def train_kl_rl(config: dict, run_dir: Path, *, resume: bool) -> int:
 
     from transformers.utils import logging as hf_logging
 
+    from tilt import distributed
+
     hf_logging.disable_progress_bar()  # one progress bar (the run's), not one per file transformers reads or writes
+    distributed.init()  # under torchrun (WORLD_SIZE > 1) only; one process needs no process group
+    main_rank = distributed.is_main()  # one rank writes the run directory, logs and checkpoints
     settings, recipe_config, sampling, data_config = build(config)
     runs.check_tracker(settings.tracker)
-    print(f"# tilt train {config['recipe']}: resolved config" + (f" (resuming {run_dir})" if resume else ""))
-    print(runs.dump_config(config), end="", flush=True)
+    if main_rank:
+        print(f"# tilt train {config['recipe']}: resolved config" + (f" (resuming {run_dir})" if resume else ""))
+        print(runs.dump_config(config), end="", flush=True)
 
     # Everything that can fail on bad input, before the run directory exists.
     resolve_model_path(settings.model)
@@ -320,29 +328,37 @@ def train_kl_rl(config: dict, run_dir: Path, *, resume: bool) -> int:
     seed = recipe_config.seed
     if resume:
         run = run_dir
-        runs.clear_failed(run)
+        if main_rank:
+            runs.clear_failed(run)
     else:
-        try:
-            initial = draw_samples(policy, reward_fn, prompts, settings, seed, 0)
-        except RewardError as exc:  # a broken reward, found before the run directory exists
-            raise ValueError(str(exc)) from exc
-        run = runs.create_run(run_dir, config, initial)
+        run = run_dir
+        if main_rank:
+            try:
+                initial = draw_samples(policy, reward_fn, prompts, settings, seed, 0)
+            except RewardError as exc:  # a broken reward, found before the run directory exists
+                raise ValueError(str(exc)) from exc
+            run = runs.create_run(run_dir, config, initial)
+    distributed.barrier()
+    policy.model = distributed.wrap_ddp(distributed.replicate(policy.model))  # the same model in one process
 
     optimizer = build_optimizer(recipe_config.optimizer, policy.parameters(), recipe_config.lr)
     if checkpoint is not None:
         state, tensors = runs.load_trainer_state(checkpoint)
         runs.restore_optimizer(optimizer, state, tensors)
         runs.restore_rng(state, tensors)
-        print(f"# resuming from {checkpoint} (step {start} of {recipe_config.steps})", flush=True)
-    tracker = runs.open_tracker(settings.tracker, run, config)
+        if main_rank:
+            print(f"# resuming from {checkpoint} (step {start} of {recipe_config.steps})", flush=True)
+    tracker = runs.open_tracker(settings.tracker if main_rank else "none", run, config)
     steps = recipe_config.steps
     last_saved = {"step": start if checkpoint is not None else -1}
     stop_signal: dict[str, Any] = {"signal": None}
 
     def save(step: int) -> None:
         if last_saved["step"] != step:
-            runs.save_checkpoint(run, step, policy.model, tokenizer, optimizer, keep=settings.keep_checkpoints,
-                                 extra={"recipe": config["recipe"]})
+            if main_rank:  # replicated weights and optimizer state: rank 0's copy is everyone's
+                runs.save_checkpoint(run, step, distributed.unwrap(policy.model), tokenizer, optimizer,
+                                     keep=settings.keep_checkpoints, extra={"recipe": config["recipe"]})
+            distributed.barrier()
             last_saved["step"] = step
 
     def on_signal(signum, frame):
@@ -353,15 +369,17 @@ def train_kl_rl(config: dict, run_dir: Path, *, resume: bool) -> int:
         print(f"\n# {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
               "(send it again to stop at once)", file=sys.stderr, flush=True)
 
-    bar = tqdm(total=steps, initial=start, unit="step", desc=f"train {config['recipe']}", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=start, unit="step", desc=f"train {config['recipe']}", file=sys.stderr, dynamic_ncols=True,
+               disable=not main_rank)
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
         done = step + 1  # updates done; the row describes the update that produced the policy of step `done`
-        runs.append_jsonl(run / "metrics.jsonl", {"step": done, **metrics})
-        tracker.log(done, metrics)
-        bar.set_postfix(reward=f"{metrics['reward']:.3g}", kl=f"{metrics['kl_ref']:.3g}", refresh=False)
-        bar.update()
-        if (settings.sample_every and done % settings.sample_every == 0) or done == steps:
+        if main_rank:  # metrics are already aggregated over ranks by the recipe
+            runs.append_jsonl(run / "metrics.jsonl", {"step": done, **metrics})
+            tracker.log(done, metrics)
+            bar.set_postfix(reward=f"{metrics['reward']:.3g}", kl=f"{metrics['kl_ref']:.3g}", refresh=False)
+            bar.update()
+        if main_rank and ((settings.sample_every and done % settings.sample_every == 0) or done == steps):
             for row in draw_samples(policy, reward_fn, prompts, settings, seed, done):
                 runs.append_jsonl(run / "samples.jsonl", row)
         if (settings.checkpoint_every and done % settings.checkpoint_every == 0) or done == steps:
@@ -396,7 +414,11 @@ def train_kl_rl(config: dict, run_dir: Path, *, resume: bool) -> int:
     bar.close()
     if start >= steps and last_saved["step"] != steps:
         save(steps)
-    final = runs.save_final(run, policy.model, tokenizer)
+    if not main_rank:
+        distributed.shutdown()
+        return 0
+    final = runs.save_final(run, distributed.unwrap(policy.model), tokenizer)
+    distributed.shutdown()
     rows = runs.read_jsonl(run / "metrics.jsonl")
     if rows:
         last = rows[-1]

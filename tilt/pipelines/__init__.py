@@ -1,0 +1,1 @@
+"""Pipelines: several recipes run in sequence, each stage leaving its model in the run directory."""
