@@ -327,7 +327,7 @@ def labelled_pairs(ref, reward, n: int, seed: int) -> dpo.PreferencePairs:
     first_wins = r[keep, 0] > r[keep, 1]
     chosen = 2 * keep + (~first_wins).long()
     rejected = 2 * keep + first_wins.long()
-    return dpo.PreferencePairs(dpo.take(rollout, chosen), dpo.take(rollout, rejected))
+    return dpo.PreferencePairs(rollout.take(chosen), rollout.take(rejected))
 
 
 def test_offline_dpo_raises_win_rate_with_a_different_reference():

@@ -43,6 +43,29 @@ class Rollout:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def take(self, index) -> "Rollout":
+        """The sequences ``index`` (a slice, a sequence of ints or a long tensor), in that order, as a rollout of
+        ungrouped sequences (``samples_per_prompt`` = 1): for micro-batching and scoring, not for grouped baselines."""
+        if isinstance(index, slice):
+            rows = list(range(len(self)))[index]
+        elif isinstance(index, Tensor):
+            rows = index.tolist()
+        else:
+            rows = [int(i) for i in index]
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.completion_ids.device)
+        return Rollout(
+            prompts=[self.prompts[i] for i in rows],
+            completions=[self.completions[i] for i in rows],
+            prompt_ids=self.prompt_ids[idx],
+            prompt_mask=self.prompt_mask[idx],
+            completion_ids=self.completion_ids[idx],
+            completion_mask=self.completion_mask[idx],
+            truncated=self.truncated[idx],
+            sample_token_logprobs=self.sample_token_logprobs[idx],
+            samples_per_prompt=1,
+            sampled_from_policy=self.sampled_from_policy,
+        )
+
 
 class Policy(Protocol):
     """A policy tilt can train or use as a reference."""

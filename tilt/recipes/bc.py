@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from tilt.math.bc import bc_loss, floored_token_logprobs
-from tilt.recipes.common import build_optimizer, lr_factor, prompt_indices, set_lr
+from tilt.recipes.common import build_optimizer, lr_factor, micro_batches, prompt_indices, set_lr
 from tilt.rollout import Policy, Rollout
 
 
@@ -98,29 +98,6 @@ class FlooredPolicy:
         return self.policy.parameters()
 
 
-def take(rollout: Rollout, indices: Sequence[int]) -> Rollout:
-    """The sequences ``indices`` of a rollout, in that order, as a rollout of ungrouped sequences."""
-    idx = torch.as_tensor(list(indices), dtype=torch.long)
-    return Rollout(
-        prompts=[rollout.prompts[i] for i in indices],
-        completions=[rollout.completions[i] for i in indices],
-        prompt_ids=rollout.prompt_ids[idx],
-        prompt_mask=rollout.prompt_mask[idx],
-        completion_ids=rollout.completion_ids[idx],
-        completion_mask=rollout.completion_mask[idx],
-        truncated=rollout.truncated[idx],
-        sample_token_logprobs=rollout.sample_token_logprobs[idx],
-        samples_per_prompt=1,
-        sampled_from_policy=False,
-    )
-
-
-def micro_batches(n: int, size: int) -> list[range]:
-    """Index ranges covering range(n) in chunks of ``size`` (0 = one chunk). (The same split as kl_rl's.)"""
-    size = size or n
-    return [range(i, min(i + size, n)) for i in range(0, n, size)]
-
-
 def _token_logprobs(config: BCConfig, policy: Policy, batch: Rollout) -> Tensor:
     tok = policy.token_logprobs(batch)  # (b, T)
     if config.floor > 0:
@@ -136,7 +113,7 @@ def bc_step(config: BCConfig, policy: Policy, batch: Rollout, optimizer: torch.o
     optimizer.zero_grad(set_to_none=True)
     total = 0.0
     for part in micro_batches(len(batch), config.micro_batch_size):
-        sub = take(batch, part)
+        sub = batch.take(part)
         per_seq = bc_loss(_token_logprobs(config, policy, sub), sub.completion_mask)  # (b,)
         loss = per_seq.sum() / n_tokens  # the one reduction: mean over the step's completion tokens
         loss.backward()
@@ -153,7 +130,7 @@ def demonstration_nll(config: BCConfig, policy: Policy, demos: Rollout) -> float
     """Mean -log q per completion token over all demonstrations (the quantity cloning lowers), micro-batched."""
     total, tokens = 0.0, int(demos.completion_mask.sum())
     for part in micro_batches(len(demos), config.micro_batch_size):
-        sub = take(demos, part)
+        sub = demos.take(part)
         total += float(bc_loss(_token_logprobs(config, policy, sub), sub.completion_mask).sum())
     return total / max(tokens, 1)
 
@@ -180,7 +157,7 @@ def train(
     for step in range(start_step, config.steps):
         set_lr(optimizer, config.lr * lr_factor(step, config.steps, config.lr_schedule, config.warmup_steps))
         indices = list(range(len(demos))) if config.sequences_per_step == 0 else prompt_indices(len(demos), step, per_step, config.seed)
-        metrics = bc_step(config, policy, take(demos, indices), optimizer)
+        metrics = bc_step(config, policy, demos.take(indices), optimizer)
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"step {step}: the loss is {metrics['loss']}; lower the learning rate")
         if on_step is not None:

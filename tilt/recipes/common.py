@@ -22,6 +22,12 @@ def prompt_indices(num_prompts: int, step: int, prompts_per_step: int, seed: int
     return out
 
 
+def micro_batches(n: int, size: int) -> list[slice]:
+    """Slices covering range(n) in chunks of ``size`` (0 = one chunk): the one micro-batch split of every recipe."""
+    size = size or n
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
 def derive_seed(seed: int, *parts) -> int:
     """A 63-bit seed from a base seed and any labels, stable across processes and Python versions."""
     text = ":".join(str(p) for p in (seed, *parts)).encode()

@@ -40,9 +40,9 @@ import torch
 from tilt.math import importance
 from tilt.math.fdiv import DIVERGENCES, f_divergence_loss, importance_weights, log_density_ratio, pseudo_reward, weighted_leave_one_out_baseline
 from tilt.math.masking import masked_sum
-from tilt.recipes.common import build_optimizer, lr_factor, prompt_indices, set_lr, step_prompt_seeds
+from tilt.recipes.common import build_optimizer, lr_factor, micro_batches, prompt_indices, set_lr, step_prompt_seeds
 from tilt.math.target import tilted_log_weight
-from tilt.recipes.kl_rl import micro_batches, score_tokens, select
+from tilt.recipes.kl_rl import score_tokens
 from tilt.rewards import score_rewards
 from tilt.rollout import Policy, Rollout
 from tilt.target import TiltedTarget
@@ -178,7 +178,7 @@ def dpg_step(
     optimizer.zero_grad(set_to_none=True)
     total_loss = 0.0
     for part in micro_batches(n_seq, config.micro_batch_size):
-        sub = select(rollout, part)
+        sub = rollout.take(part)
         tok = policy.token_logprobs(sub)  # (b, T) with grad
         loss = f_divergence_loss(tok, advantages[part], weights[part], sub.completion_mask).sum() / n_seq
         loss.backward()  # the one reduction: mean over the step's sequences

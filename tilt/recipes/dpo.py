@@ -32,7 +32,7 @@ from torch import Tensor
 from tilt import distributed
 from tilt.math.masking import masked_sum
 from tilt.math.preference import dpo_margin, dpo_sigmoid_loss, ipo_loss
-from tilt.recipes.common import build_optimizer, prompt_indices
+from tilt.recipes.common import build_optimizer, micro_batches, prompt_indices
 from tilt.rollout import Policy, Rollout
 
 LOSSES = {"sigmoid": dpo_sigmoid_loss, "ipo": ipo_loss}
@@ -76,36 +76,14 @@ class PreferencePairs:
         return len(self.chosen)
 
 
-def take(rollout: Rollout, index: Tensor) -> Rollout:
-    """The sequences ``index`` (long (b,)) of a rollout, one per prompt."""
-    rows = index.tolist()
-    return Rollout(
-        prompts=[rollout.prompts[i] for i in rows],
-        completions=[rollout.completions[i] for i in rows],
-        prompt_ids=rollout.prompt_ids[index],
-        prompt_mask=rollout.prompt_mask[index],
-        completion_ids=rollout.completion_ids[index],
-        completion_mask=rollout.completion_mask[index],
-        truncated=rollout.truncated[index],
-        sample_token_logprobs=rollout.sample_token_logprobs[index],
-        samples_per_prompt=1,
-        sampled_from_policy=False,
-    )
-
-
-def _chunks(n: int, size: int) -> list[slice]:
-    size = size or n
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
 @torch.no_grad()
 def reference_logprobs(ref: Policy, pairs: PreferencePairs, micro_batch_size: int = 0) -> tuple[Tensor, Tensor]:
     """(N,), (N,): log pi_ref of every chosen and rejected completion, computed once."""
     out = []
     for rollout in (pairs.chosen, pairs.rejected):
         parts = []
-        for part in _chunks(len(rollout), micro_batch_size):
-            sub = take(rollout, torch.arange(part.start, part.stop))
+        for part in micro_batches(len(rollout), micro_batch_size):
+            sub = rollout.take(part)
             parts.append(masked_sum(ref.token_logprobs(sub), sub.completion_mask))
         out.append(torch.cat(parts))
     return out[0], out[1]
@@ -146,10 +124,10 @@ def train(
         index = torch.tensor([step_pairs[p] for p in positions])  # this rank's shard (all of them in one process)
         optimizer.zero_grad(set_to_none=True)
         totals = {"loss": 0.0, "reward_margin": 0.0, "accuracy": 0.0}
-        parts = _chunks(len(index), config.micro_batch_size)
+        parts = micro_batches(len(index), config.micro_batch_size)
         for i, part in enumerate(parts):
             sub = index[part]
-            chosen, rejected = take(pairs.chosen, sub), take(pairs.rejected, sub)
+            chosen, rejected = pairs.chosen.take(sub), pairs.rejected.take(sub)
             lp_c = masked_sum(policy.token_logprobs(chosen), chosen.completion_mask)  # (b,)
             lp_r = masked_sum(policy.token_logprobs(rejected), rejected.completion_mask)
             per_pair = loss_fn(lp_c, lp_r, ref_chosen[sub], ref_rejected[sub], beta=config.beta)  # (b,)

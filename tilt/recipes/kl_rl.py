@@ -43,7 +43,7 @@ from tilt.math import importance
 from tilt.math.kl import KL_ESTIMATORS, sequence_kl, token_kl
 from tilt.math.masking import masked_sum
 from tilt.math.pg import kl_shaped_reward, leave_one_out_advantage, ppo_clip_loss, reinforce_loss
-from tilt.recipes.common import build_optimizer, lr_factor, prompt_indices, set_lr, step_prompt_seeds
+from tilt.recipes.common import build_optimizer, lr_factor, micro_batches, prompt_indices, set_lr, step_prompt_seeds
 from tilt.rewards import RewardFn, score_rewards
 from tilt.rollout import Policy, Rollout
 
@@ -94,32 +94,10 @@ class KLRLConfig:
             raise ValueError("micro_batch_size must be >= 0 (0 = whole step)")
 
 
-def micro_batches(n: int, size: int) -> list[slice]:
-    """Slices covering range(n) in chunks of ``size`` (0 = one chunk)."""
-    size = size or n
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
-def select(rollout: Rollout, part: slice) -> Rollout:
-    """The sequences ``part`` of a rollout, as a rollout (grouping is not kept: use for scoring only)."""
-    return Rollout(
-        prompts=rollout.prompts[part],
-        completions=rollout.completions[part],
-        prompt_ids=rollout.prompt_ids[part],
-        prompt_mask=rollout.prompt_mask[part],
-        completion_ids=rollout.completion_ids[part],
-        completion_mask=rollout.completion_mask[part],
-        truncated=rollout.truncated[part],
-        sample_token_logprobs=rollout.sample_token_logprobs[part],
-        samples_per_prompt=1,
-        sampled_from_policy=rollout.sampled_from_policy,
-    )
-
-
 @torch.no_grad()
 def score_tokens(policy: Policy, rollout: Rollout, micro_batch_size: int) -> torch.Tensor:
     """(B, T) token log-probs of a rollout under ``policy``, without gradient, micro-batched."""
-    parts = [policy.token_logprobs(select(rollout, s)) for s in micro_batches(len(rollout), micro_batch_size)]
+    parts = [policy.token_logprobs(rollout.take(s)) for s in micro_batches(len(rollout), micro_batch_size)]
     return torch.cat(parts)
 
 
@@ -162,7 +140,7 @@ def kl_rl_step(
     for _epoch in range(config.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
         for i, part in enumerate(parts):
-            sub = select(rollout, part)
+            sub = rollout.take(part)
             tok = policy.token_logprobs(sub)  # (b, T) with grad
             if config.ppo_epochs == 1:
                 per_seq = reinforce_loss(tok, advantages[part], sub.completion_mask)
