@@ -18,13 +18,30 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/tilt lab kl-rl --vocab 3 --length 3 --beta 0.3 --reward count:2 --steps 3000 --batch 64 --seed 0
+	$(VENV)/bin/tilt demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
-	$(PY) benchmarks/sampling.py
+BENCH_VENV := .venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_STAMP := $(BENCH_VENV)/.installed
+
+# TRL is a benchmark-only peer: it lives in its own venv, pinned in benchmarks/requirements-bench.txt.
+$(BENCH_STAMP): pyproject.toml requirements.lock benchmarks/requirements-bench.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install -q --upgrade pip
+	$(BENCH_PY) -m pip install -q torch==2.13.0
+	$(BENCH_PY) -m pip install -q -c requirements.lock -r benchmarks/requirements-bench.txt
+	$(BENCH_PY) -m pip install -q --no-deps -e .
+	touch $(BENCH_STAMP)
+
+# one thread per process: on a shared two-core machine two threads oversubscribe it
+bench: $(BENCH_STAMP)
+	$(BENCH_PY) benchmarks/sampling.py --threads 1
+	$(BENCH_PY) benchmarks/sampling.py --threads 1 --samples-per-prompt 4
+	$(BENCH_PY) benchmarks/rl_step.py --threads 1
+	$(BENCH_PY) benchmarks/online_dpo_step.py --threads 1
 
 clean:
 	rm -rf $(VENV)

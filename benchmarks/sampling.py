@@ -5,6 +5,10 @@ the load average next to each pair. Not a test: the verdict is the printed ratio
 
     python benchmarks/sampling.py                      # tiny Llama, batches 16 and 64
     python benchmarks/sampling.py --model PATH --batch 16 --new-tokens 32
+    python benchmarks/sampling.py --samples-per-prompt 4   # B/4 prompts x 4 samples (generate gets each prompt 4 times)
+    python benchmarks/sampling.py --model embedded --batch 16 --repeats 1
+
+--model takes a folder or ``embedded`` (tilt.engine.loading).
 """
 from __future__ import annotations
 
@@ -24,9 +28,9 @@ def generate_tokens_per_s(model, prompt_ids, prompt_mask, new_tokens, pad_id, eo
     return (out.shape[1] - prompt_ids.shape[1]) * out.shape[0] / seconds
 
 
-def tilt_tokens_per_s(policy, prompts, new_tokens, generator):
+def tilt_tokens_per_s(policy, prompts, samples_per_prompt, generator):
     start = time.perf_counter()
-    rollout = policy.sample(prompts, 1, generator=generator)
+    rollout = policy.sample(prompts, samples_per_prompt, generator=generator)
     seconds = time.perf_counter() - start
     return rollout.completion_ids.numel() / seconds
 
@@ -38,6 +42,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--samples-per-prompt", type=int, default=1, help="K: tilt gets B/K prompts and K samples of each")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -57,16 +62,17 @@ def main():
     policy.eos_ids = [-1]  # never stop early, like min_new_tokens in generate
     eos_id = tokenizer.eos_token_id
     print(f"torch {torch.__version__}, {args.threads} threads, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{args.new_tokens} new tokens")
+          f"{args.new_tokens} new tokens, {args.samples_per_prompt} sample(s) per prompt")
     print(f"{'batch':>5}  {'generate tok/s':>14}  {'tilt tok/s':>10}  {'ratio':>6}  load average")
     for batch in args.batch:
-        prompts = [("the cat sat on the mat " * (1 + i % 3)).strip() for i in range(batch)]
-        prompt_ids, prompt_mask = policy.encode_prompts(prompts)
+        k = args.samples_per_prompt
+        prompts = [("the cat sat on the mat " * (1 + i % 3)).strip() for i in range(batch // k)]
+        prompt_ids, prompt_mask = policy.encode_prompts([p for p in prompts for _ in range(k)])
         gen_rates, tilt_rates, loads = [], [], []
         for r in range(args.repeats + 1):  # first pair warms up
             torch.manual_seed(r)
             g = generate_tokens_per_s(model, prompt_ids, prompt_mask, args.new_tokens, tokenizer.pad_token_id, eos_id)
-            t = tilt_tokens_per_s(policy, prompts, args.new_tokens, torch.Generator().manual_seed(r))
+            t = tilt_tokens_per_s(policy, prompts, k, torch.Generator().manual_seed(r))
             if r:
                 gen_rates.append(g)
                 tilt_rates.append(t)

@@ -20,7 +20,7 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     tiny_gpt2(len(tok)).save_pretrained(folder)
     tok.save_pretrained(folder)
     run = tmp_path / "run"
-    assert main(["demo", "--model", str(folder), "--steps", "2", "--run-dir", str(run), "--eval-samples", "2"]) == 0
+    assert main(["demo", "--model", str(folder), "--steps", "2", "--run-dir", str(run), "--eval-samples", "2", "--evals", "2"]) == 0
     out = capsys.readouterr().out
     for text in ("mean reward", "KL(pi || pi_ref)", "win rate against pi_ref", "before (", "after  (", "Report:"):
         assert text in out, text
@@ -28,4 +28,6 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     assert [m["step"] for m in metrics] == [1, 2]
     steps = {json.loads(line)["step"] for line in (run / "samples.jsonl").read_text().splitlines()}
     assert steps == {0, 2}
+    evals = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [1, 2] and "Reward and win rate as KL grows" in out
     assert (run / "report" / "report.html").is_file() and (run / "final" / "config.json").is_file()

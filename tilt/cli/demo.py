@@ -38,16 +38,23 @@ def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="align the embedded model toward positive reviews and show before/after",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="embedded", help="model folder or 'embedded' (default: SmolLM2-135M-Instruct, shipped)")
-    p.add_argument("--steps", type=int, default=12, help="training steps (default 12)")
-    p.add_argument("--beta", type=float, default=0.05, help="KL coefficient (default 0.05)")
-    p.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (default 2e-5)")
+    p.add_argument("--steps", type=int, default=24, help="training steps (default 24)")
+    p.add_argument("--beta", type=float, default=0.1, help="KL coefficient (default 0.1)")
+    p.add_argument("--kl-budget", type=float, default=4.0,
+                   help="KL(pi || pi_ref) budget in nats: training stops at the first evaluation whose KL estimate exceeds it (default 4)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    p.add_argument("--evals", type=int, default=3, help="evaluations during training, evenly spaced (default 3)")
     p.add_argument("--prompts-per-step", type=int, default=4, help="(default 4)")
     p.add_argument("--samples-per-prompt", type=int, default=4, help="(default 4)")
-    p.add_argument("--max-new-tokens", type=int, default=20, help="completion length limit (default 20)")
-    p.add_argument("--eval-samples", type=int, default=4, help="samples per held-out prompt, per side, in evaluation (default 4)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="completion length limit (default 16)")
+    p.add_argument("--eval-samples", type=int, default=8, help="samples per held-out prompt, per side, in evaluation (default 8)")
     p.add_argument("--run-dir", default=None, help="where to write the run (default runs/demo-<time>)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run_demo)
+
+
+class OverBudget(Exception):
+    """Raised from the step hook to stop training once the KL estimate exceeds the budget."""
 
 
 def _ci(m: dict, key: str) -> str:
@@ -62,7 +69,7 @@ def run_demo(args: argparse.Namespace) -> int:
     train_prompts, held_out = prompts[:24], prompts[24:]
     run_dir = Path(args.run_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
 
-    print(f"[1/5] loading {args.model!r} (the first use converts the shipped GGUF file once, ~30-60 s)", flush=True)
+    print(f"[1/4] loading {args.model!r} (the first use converts the shipped GGUF file once, ~30-60 s)", flush=True)
     model, tokenizer = load_model_and_tokenizer(args.model)
     ref_model = copy.deepcopy(model).requires_grad_(False)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)
@@ -72,49 +79,64 @@ def run_demo(args: argparse.Namespace) -> int:
     config = kl_rl.KLRLConfig(beta=args.beta, steps=args.steps, prompts_per_step=args.prompts_per_step,
                               samples_per_prompt=args.samples_per_prompt, lr=args.lr, seed=args.seed)
 
-    print(f"[2/5] evaluating the reference on {len(held_out)} held-out openings", flush=True)
-    before = evaluate(eval_config, ref, ref, reward, held_out)
-    initial = [{"step": 0, "prompt": p, "completion": c, "reward": float(r)}
-               for p, cs, rs in zip(held_out, before.policy.completions, before.policy.rewards.tolist()) for c, r in zip(cs, rs)]
     resolved = {"recipe": "kl-rl (demo)", "model": args.model, "reward": "sentiment", "prompts": "tilt/assets/review_openings.jsonl",
                 "max_new_tokens": args.max_new_tokens, **kl_rl.config_dict(config)}
-    run = runs.create_run(run_dir, resolved, initial_samples=initial)
+    run = runs.create_run(run_dir, resolved)
 
-    print(f"[3/5] training {args.steps} steps of KL-regularised RL (beta {args.beta}), "
+    eval_steps = sorted({max(1, round(args.steps * (i + 1) / args.evals)) for i in range(args.evals)})
+    print(f"[2/4] training {args.steps} steps of KL-regularised RL (beta {args.beta}), "
           f"{args.prompts_per_step} x {args.samples_per_prompt} completions per step", flush=True)
+    print(f"      evaluated on {len(held_out)} held-out openings at steps {', '.join(map(str, eval_steps))}; "
+          f"training stops early if the KL estimate exceeds the budget of {args.kl_budget} nats", flush=True)
     bar = tqdm(total=args.steps, unit="step", dynamic_ncols=True)
+    trajectory: list[tuple[int, dict]] = []  # (step, evaluation metrics)
+    latest: dict = {}
 
     def log(step: int, metrics: dict) -> None:
-        runs.append_jsonl(run / "metrics.jsonl", {"step": step + 1, **metrics})
+        done = step + 1
+        runs.append_jsonl(run / "metrics.jsonl", {"step": done, **metrics})
         bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl_ref']:.3f}")
         bar.update()
+        if done in eval_steps:
+            ev = evaluate(eval_config, policy, ref, reward, held_out)  # samples both sides: the reference's are "before"
+            latest.update(evaluation=ev, step=done)
+            trajectory.append((done, ev.metrics))
+            runs.append_jsonl(run / "evals.jsonl", {"step": done, **ev.metrics})
+            if ev.metrics["kl_ref"] > args.kl_budget:
+                raise OverBudget(done)
 
-    kl_rl.train(config, policy, ref, reward, train_prompts, on_step=log)
+    try:
+        kl_rl.train(config, policy, ref, reward, train_prompts, on_step=log)
+        stopped = ""
+    except OverBudget as over:
+        stopped = f" (stopped at step {over.args[0]}: the KL estimate exceeded the {args.kl_budget}-nat budget)"
     bar.close()
+    after, last_step = latest["evaluation"], latest["step"]
+    for step, draws in ((0, after.ref), (last_step, after.policy)):
+        for p, cs, rs in zip(held_out, draws.completions, draws.rewards.tolist()):
+            for c, r in zip(cs, rs):
+                runs.append_jsonl(run / "samples.jsonl", {"step": step, "prompt": p, "completion": c, "reward": float(r)})
 
-    print("[4/5] evaluating the trained policy against the reference", flush=True)
-    after = evaluate(eval_config, policy, ref, reward, held_out)
-    for p, cs, rs in zip(held_out, after.policy.completions, after.policy.rewards.tolist()):
-        for c, r in zip(cs, rs):
-            runs.append_jsonl(run / "samples.jsonl", {"step": args.steps, "prompt": p, "completion": c, "reward": float(r)})
-    for name, ev in (("before", before), ("after", after)):
-        runs.append_jsonl(run / "evals.jsonl", {"step": 0 if name == "before" else args.steps, "name": name, **ev.metrics})
-
-    print("[5/5] writing the trained model and the report", flush=True)
+    print("[3/4] writing the trained model and the report", flush=True)
     runs.save_final(run, model, tokenizer)
     page, _ = build_report(run)
 
-    rows = [
-        ("mean reward (VADER compound, -1..1)", _ci(before.metrics, "reward_mean"), _ci(after.metrics, "reward_mean")),
-        ("KL(pi || pi_ref), nats", _ci(before.metrics, "kl_ref"), _ci(after.metrics, "kl_ref")),
-        ("win rate against pi_ref", _ci(before.metrics, "win_rate"), _ci(after.metrics, "win_rate")),
+    m = after.metrics
+    rows = [  # before training the policy is the reference: KL is 0 and the win rate 1/2 exactly
+        ("mean reward (VADER compound, -1..1)", _ci(m, "ref_reward_mean"), _ci(m, "reward_mean")),
+        ("KL(pi || pi_ref), nats", "0 (exactly)", _ci(m, "kl_ref")),
+        ("win rate against pi_ref", "0.5 (exactly)", _ci(m, "win_rate")),
     ]
-    print(f"\nOn {len(held_out)} held-out openings, {args.eval_samples} samples each per side (95% bootstrap intervals):\n")
-    print(table(["", "before (the reference)", f"after {args.steps} steps"], rows))
-    print("\nThree openings, one sample before and after (same opening, same random seed):\n")
+    print(f"\n[4/4] On {len(held_out)} held-out openings, {args.eval_samples} samples each per side "
+          f"(95% bootstrap intervals){stopped}:\n")
+    print(table(["", "before (the reference)", f"after {last_step} steps"], rows))
+    print("\nReward and win rate as KL grows (KL budget {:g} nats):\n".format(args.kl_budget))
+    print(table(["step", "KL(pi || pi_ref)", "mean reward", "win rate"],
+                [(0, 0.0, m["ref_reward_mean"], 0.5)] + [(st, e["kl_ref"], e["reward_mean"], e["win_rate"]) for st, e in trajectory]))
+    print("\nThree openings, a sample of the reference (before) and of the trained policy (after):\n")
     for i in range(3):
-        b, a = before.policy.completions[i][0], after.policy.completions[i][0]
-        rb, ra = before.policy.rewards[i][0].item(), after.policy.rewards[i][0].item()
+        b, a = after.ref.completions[i][0], after.policy.completions[i][0]
+        rb, ra = after.ref.rewards[i][0].item(), after.policy.rewards[i][0].item()
         print(f"  {held_out[i]!r}")
         print(textwrap.indent(textwrap.fill(f"before ({rb:+.2f}): {b.strip()}", 100), "    "))
         print(textwrap.indent(textwrap.fill(f"after  ({ra:+.2f}): {a.strip()}", 100), "    "))

@@ -20,7 +20,8 @@ from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from tilt.math.masking import completion_mask_from_eos
-from tilt.math.sampling import inverse_cdf_sample, sampling_uniforms
+from tilt.math.categorical import sample_from_logits
+from tilt.math.sampling import sampling_uniforms
 from tilt.rollout import Rollout
 
 
@@ -115,39 +116,57 @@ class HFPolicy:
 
         Randomness: one uniform per (sample, position), drawn up front from ``generator``, or per prompt from
         ``prompt_seeds`` (then a prompt's completions do not depend on the rest of the batch), and turned into
-        tokens by inverse-CDF sampling."""
-        prompt_ids, prompt_mask = self.encode_prompts(prompts)
-        prompt_ids = prompt_ids.repeat_interleave(samples_per_prompt, 0)  # (B, Tp)
-        prompt_mask = prompt_mask.repeat_interleave(samples_per_prompt, 0)
-        b = prompt_ids.shape[0]
-        uniforms = sampling_uniforms(len(prompts), samples_per_prompt, self.sampling.max_new_tokens, generator=generator,
-                                     prompt_seeds=prompt_seeds).to(self.device)  # (B, max_new_tokens)
+        tokens by inverse-CDF sampling.
+
+        Speed (docs/performance.md): each distinct prompt goes through the model once and its KV cache and
+        first next-token distribution are repeated for its K samples; a token is drawn by a two-level
+        inverse-CDF search (``tilt.math.categorical``) rather than a full-vocabulary cumulative sum; and once
+        a quarter of the running batch has ended, the ended sequences are dropped from it, so they cost no
+        further forward passes. Rows that ended but are still in the batch keep drawing tokens, which the
+        EOS mask discards at the end.
+        """
+        k = samples_per_prompt
+        distinct_ids, distinct_mask = self.encode_prompts(prompts)  # (P, Tp)
+        prompt_ids = distinct_ids.repeat_interleave(k, 0)  # (B, Tp)
+        prompt_mask = distinct_mask.repeat_interleave(k, 0)
+        b, tp, t_max = prompt_ids.shape[0], prompt_ids.shape[1], self.sampling.max_new_tokens
+        uniforms = sampling_uniforms(len(prompts), k, t_max, generator=generator, prompt_seeds=prompt_seeds).to(self.device)  # (B, T)
         eos = torch.tensor(self.eos_ids, device=self.device)
-        positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, Tp)
-        attention = prompt_mask.long()
+        distinct_positions = (distinct_mask.long().cumsum(-1) - 1).clamp(min=0)  # (P, Tp)
         cache = DynamicCache()
-        out = self.model(input_ids=prompt_ids, attention_mask=attention, position_ids=positions,
+        out = self.model(input_ids=distinct_ids, attention_mask=distinct_mask.long(), position_ids=distinct_positions,
                          cache=cache, use_cache=True, logits_to_keep=1)
-        next_position = positions[:, -1:] + 1  # (B, 1)
-        done = torch.zeros(b, dtype=torch.bool, device=self.device)
-        tokens, logps = [], []
-        for t in range(self.sampling.max_new_tokens):
-            logp = torch.log_softmax(warp_logits(out.logits[:, -1, :].float(), self.sampling), dim=-1)  # (B, V)
-            y = inverse_cdf_sample(logp.exp(), uniforms[:, t])  # (B,)
-            lp = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-            y = y.masked_fill(done, self.pad_id)
-            tokens.append(y)
-            logps.append(lp.masked_fill(done, 0.0))
-            done = done | torch.isin(y, eos)
-            if bool(done.all()) or len(tokens) == self.sampling.max_new_tokens:
+        logits = out.logits[:, -1, :].float().repeat_interleave(k, 0)  # (B, V)
+        if k > 1:
+            cache.batch_repeat_interleave(k)
+        attention = torch.ones(b, tp + t_max, dtype=torch.long, device=self.device)  # (B, Tp + T), 1 = attend
+        attention[:, :tp] = prompt_mask.long()
+        next_position = distinct_positions[:, -1:].repeat_interleave(k, 0) + 1  # (b, 1)
+        rows = torch.arange(b, device=self.device)  # (b,) the rows of the full batch still in the running batch
+        ended = torch.zeros(b, dtype=torch.bool, device=self.device)  # (b,) running rows that have drawn an EOS
+        raw_ids = torch.full((b, t_max), self.pad_id, dtype=torch.long, device=self.device)  # (B, T), masked at the end
+        raw_logps = torch.zeros(b, t_max, device=self.device)  # (B, T)
+        steps = t_max
+        for t in range(t_max):
+            warped = logits if self.sampling.exact else warp_logits(logits, self.sampling)
+            y, lp = sample_from_logits(warped, uniforms[rows, t])  # (b,)
+            raw_ids[rows, t] = y
+            raw_logps[rows, t] = lp
+            ended = ended | torch.isin(y, eos)
+            if t + 1 == t_max or bool(ended.all()):
+                steps = t + 1
                 break
-            attention = torch.cat([attention, attention.new_ones(b, 1)], dim=-1)
-            out = self.model(input_ids=y.unsqueeze(-1), attention_mask=attention, position_ids=next_position,
+            if 4 * int(ended.sum()) >= len(rows):  # compact: drop the ended rows from the running batch
+                keep = (~ended).nonzero().squeeze(-1)  # (b_next,)
+                cache.batch_select_indices(keep)
+                rows, y, next_position, ended = rows[keep], y[keep], next_position[keep], ended[keep]
+            out = self.model(input_ids=y.unsqueeze(-1), attention_mask=attention[rows, : tp + t + 1], position_ids=next_position,
                              cache=cache, use_cache=True)
+            logits = out.logits[:, -1, :].float()  # (b, V)
             next_position = next_position + 1
-        completion_ids = torch.stack(tokens, dim=1)  # (B, T)
-        completion_mask, truncated = completion_mask_from_eos(completion_ids, eos)
-        sample_token_logprobs = torch.stack(logps, dim=1).masked_fill(~completion_mask, 0.0)
+        completion_mask, truncated = completion_mask_from_eos(raw_ids[:, :steps], eos)  # (B, T)
+        completion_ids = raw_ids[:, :steps].masked_fill(~completion_mask, self.pad_id)
+        sample_token_logprobs = raw_logps[:, :steps].masked_fill(~completion_mask, 0.0)
         return Rollout(
             prompts=[p for p in prompts for _ in range(samples_per_prompt)],
             completions=self.decode(completion_ids, completion_mask),
@@ -170,15 +189,17 @@ class HFPolicy:
     def token_logprobs(self, rollout: Rollout) -> Tensor:
         """(B, T) log pi(y_t | x, y_<t) under the model itself (temperature 1), 0 off the completion mask.
 
-        One forward pass over prompt + completion; only the T + 1 last positions go through the LM head, and
-        the log-softmax is fused into the gather (cross-entropy), so a (B, T, V) tensor is built once.
+        One forward pass over the prompt and all completion tokens but the last (no position needs the
+        distribution after the last token), of which only the T last positions go through the LM head, so
+        the (B, T, V) logits come out contiguous and are never copied; the log-softmax is fused into the
+        gather (cross-entropy), so a (B, T, V) log-softmax is built once.
         """
-        ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=-1)
-        attention = torch.cat([rollout.prompt_mask, torch.ones_like(rollout.completion_mask)], dim=-1).long()
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
         t = rollout.completion_ids.shape[1]
-        logits = self.model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=t + 1).logits[:, :-1, :]
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), rollout.completion_ids.reshape(-1), reduction="none")
+        ids = torch.cat([rollout.prompt_ids, rollout.completion_ids[:, :-1]], dim=-1)  # (B, Tp + T - 1)
+        attention = torch.cat([rollout.prompt_mask, torch.ones_like(rollout.completion_mask[:, :-1])], dim=-1).long()
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=t).logits  # (B, T, V)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), rollout.completion_ids.flatten(), reduction="none")  # (B * T,)
         return (-nll).view(rollout.completion_ids.shape).masked_fill(~rollout.completion_mask, 0.0)
 
     def rollout_from_ids(self, prompts: Sequence[str], completion_ids: Sequence[Sequence[int]], samples_per_prompt: int = 1) -> Rollout:
