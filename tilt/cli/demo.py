@@ -41,13 +41,14 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=24, help="training steps (default 24)")
     p.add_argument("--beta", type=float, default=0.1, help="KL coefficient (default 0.1)")
     p.add_argument("--kl-budget", type=float, default=4.0,
-                   help="KL(pi || pi_ref) budget in nats: training stops at the first evaluation whose KL estimate exceeds it (default 4)")
+                   help="KL(pi || pi_ref) budget in nats: training stops at the first evaluation whose KL estimate exceeds it, "
+                        "and the demo keeps the policy of the evaluation before (default 4)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
-    p.add_argument("--evals", type=int, default=3, help="evaluations during training, evenly spaced (default 3)")
+    p.add_argument("--evals", type=int, default=6, help="evaluations during training, evenly spaced (default 6)")
     p.add_argument("--prompts-per-step", type=int, default=4, help="(default 4)")
     p.add_argument("--samples-per-prompt", type=int, default=4, help="(default 4)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="completion length limit (default 16)")
-    p.add_argument("--eval-samples", type=int, default=8, help="samples per held-out prompt, per side, in evaluation (default 8)")
+    p.add_argument("--eval-samples", type=int, default=12, help="samples per held-out prompt, per side, in evaluation (default 12)")
     p.add_argument("--run-dir", default=None, help="where to write the run (default runs/demo-<time>)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run_demo)
@@ -99,17 +100,23 @@ def run_demo(args: argparse.Namespace) -> int:
         bar.update()
         if done in eval_steps:
             ev = evaluate(eval_config, policy, ref, reward, held_out)  # samples both sides: the reference's are "before"
-            latest.update(evaluation=ev, step=done)
             trajectory.append((done, ev.metrics))
             runs.append_jsonl(run / "evals.jsonl", {"step": done, **ev.metrics})
             if ev.metrics["kl_ref"] > args.kl_budget:
                 raise OverBudget(done)
+            # the newest policy within the budget is the one the demo keeps
+            latest.update(evaluation=ev, step=done, state={k: v.detach().clone() for k, v in model.state_dict().items()})
 
     try:
         kl_rl.train(config, policy, ref, reward, train_prompts, on_step=log)
         stopped = ""
     except OverBudget as over:
-        stopped = f" (stopped at step {over.args[0]}: the KL estimate exceeded the {args.kl_budget}-nat budget)"
+        if "state" not in latest:
+            raise ValueError(f"the first evaluation (step {over.args[0]}) is already over the KL budget of {args.kl_budget} "
+                             "nats: raise --kl-budget or --beta, or lower --lr") from None
+        model.load_state_dict(latest["state"])
+        stopped = (f" (at step {over.args[0]} the KL estimate exceeded the {args.kl_budget}-nat budget: "
+                   f"kept the policy of step {latest['step']})")
     bar.close()
     after, last_step = latest["evaluation"], latest["step"]
     for step, draws in ((0, after.ref), (last_step, after.policy)):
