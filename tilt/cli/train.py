@@ -206,6 +206,9 @@ def add_parser(sub) -> None:
     from tilt.cli.pipelines import add_train_parsers  # here: the pipelines reuse this module's YAML loader
 
     add_train_parsers(train_sub)
+    from tilt.cli.train_preference import add_train_parsers as add_preference_parsers
+
+    add_preference_parsers(train_sub)
 
 
 def add_recipe_parser(train_sub, recipe: str, summary: str) -> argparse.ArgumentParser:
