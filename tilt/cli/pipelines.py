@@ -1,4 +1,4 @@
-"""``tilt train demo-rl | demo-rlhf`` (or ``tilt pipeline demo-rl | demo-rlhf``): demonstration-regularised RL and
+"""``tilt train demo-rl | demo-rlhf`` (or ``python -m tilt.cli.pipelines demo-rl | demo-rlhf``): demonstration-regularised RL and
 RLHF on Hugging Face causal LMs (Tiapkin et al. 2023; docs/demo_rl.md).
 
 The config is a YAML file (top-level fields, and one mapping per section: bc, rl, sampling, eval, and for demo-rlhf
@@ -151,7 +151,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tilt.cli.pipelines demo-rl ...``: the same as ``tilt pipeline demo-rl ...``."""
+    """``python -m tilt.cli.pipelines demo-rl ...``: the same as ``tilt train demo-rl ...``."""
     parser = argparse.ArgumentParser(prog="tilt")
     add_parser(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
     args = parser.parse_args(["pipeline", *(sys.argv[1:] if argv is None else argv)])
