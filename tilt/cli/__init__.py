@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from tilt.cli import data, demo, evaluate, infalign, lab, report, train
+from tilt.cli.output import run_parsed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,11 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"tilt: error: {exc}", file=sys.stderr)
-        return 2
+    return run_parsed(args)
 
 
 if __name__ == "__main__":

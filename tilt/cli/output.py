@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from typing import Any, Sequence
 
 
@@ -37,3 +38,13 @@ def strict_json(obj: Any) -> Any:
 
 def print_json(obj: Any) -> None:
     print(json.dumps(strict_json(obj), indent=2, sort_keys=True, allow_nan=False))
+
+
+def run_parsed(args) -> int:
+    """Run a parsed command (``args.run(args)``). Bad input (ValueError, a missing file, a missing package) prints
+    one ``tilt: error:`` line and exits 2, the same for every entry point."""
+    try:
+        return int(args.run(args) or 0)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        print(f"tilt: error: {exc}", file=sys.stderr)
+        return 2

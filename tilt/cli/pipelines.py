@@ -14,7 +14,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from tilt.cli.output import print_json, table
+from tilt.cli.output import print_json, run_parsed, table
 
 
 def _field_flags(pipeline: str) -> list[tuple[str, str | None, Any]]:
@@ -155,11 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tilt")
     add_parser(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
     args = parser.parse_args(["pipeline", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"tilt: error: {exc}", file=sys.stderr)
-        return 2
+    return run_parsed(args)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import yaml
 
 from tilt import runs
+from tilt.cli.output import run_parsed
 
 EXIT_SIGNAL = {signal.SIGTERM: 143, signal.SIGINT: 130}
 """Exit codes after a clean stop on a signal (the shell's 128 + signal number): the run is unfinished but resumable."""
@@ -435,11 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tilt")
     add_parser(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
     args = parser.parse_args(argv)
-    try:
-        return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"tilt: error: {exc}", file=sys.stderr)
-        return 2
+    return run_parsed(args)
 
 
 if __name__ == "__main__":

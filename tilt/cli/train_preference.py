@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 from tilt import runs
 from tilt.cli.train import EXIT_FAILED, EXIT_SIGNAL, Stop, _coerce, load_yaml
+from tilt.cli.output import run_parsed
 
 COMMANDS = ("dpo", "online-dpo", "xpo", "reward-model")
 RESUMABLE = ("dpo", "reward-model")
@@ -640,11 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tilt train")
     add_train_parsers(parser.add_subparsers(dest="recipe", metavar="RECIPE", required=True))
     args = parser.parse_args(argv)
-    try:
-        return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
-        print(f"tilt: error: {exc}", file=sys.stderr)
-        return 2
+    return run_parsed(args)
 
 
 if __name__ == "__main__":
