@@ -5,8 +5,10 @@ process), made once by a fixture:
   1. uninterrupted KL-RL (DDP), DPO (DDP) and KL-RL (FSDP2); then a copy of the KL-RL (DDP) job in which rank 1 is
      killed with SIGKILL in the middle of step 2 (the launch fails);
   2. that copy relaunched with resume; then a copy of the KL-RL (FSDP2) job killed the same way;
-  3. the FSDP2 copy relaunched with resume; then the error cases (ranks with different configs, a rank that dies;
-     the launch fails).
+  3. the FSDP2 copy relaunched with resume;
+  4. the error cases (ranks with different configs, a rank that dies; the launch fails). gloo sometimes aborts the
+     surviving rank from its own I/O thread when the peer's socket closes (SIGABRT, before Python sees an error);
+     that launch is retried, at most three times, until the surviving rank gets to report.
 """
 import importlib.util
 import json
@@ -108,7 +110,11 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     results = {"first": launch(out, "kl_rl:ddp", "dpo:ddp", "kl_rl:fsdp", "kl_rl:ddp:crash2")}
     results["second"] = launch(out, "kl_rl:ddp:resume", "kl_rl:fsdp:crash2")
-    results["third"] = launch(out, "kl_rl:fsdp:resume", "errors")
+    results["third"] = launch(out, "kl_rl:fsdp:resume")
+    for _ in range(3):
+        results["errors"] = launch(out, "errors")
+        if "(SIGABRT)" not in results["errors"].stderr:
+            break
     return out, results
 
 
@@ -179,7 +185,8 @@ def test_kill_minus_9_then_resume_reproduces_the_uninterrupted_run(runs, mode):
 @pytest.mark.slow
 def test_clear_errors_when_configs_differ_or_a_rank_dies(runs):
     out, results = runs
-    assert results["third"].returncode != 0 and "exitcode  : 3" in results["third"].stderr
+    assert results["third"].returncode == 0, results["third"].stderr[-3000:]
+    assert results["errors"].returncode != 0 and "exitcode  : 3" in results["errors"].stderr, results["errors"].stderr[-3000:]
     for r in (0, 1):
         text = (out / f"mismatch-rank{r}.txt").read_text()
         assert f"rank {r}: the ranks were launched with different configs" in text and "ranks [1] differ from rank 0" in text
@@ -195,3 +202,14 @@ def test_a_rank_that_never_arrives_fails_within_the_timeout(monkeypatch):
     with pytest.raises(distributed.RankFailure, match="could not join the process group of 2 processes within 1 s"):
         distributed.init(timeout_s=1, backend="gloo")
     assert not dist.is_initialized()
+
+
+def test_the_command_line_reports_a_dead_peer_and_exits_3_without_teardown():
+    code = ("import types\nfrom tilt.cli.output import run_parsed\nfrom tilt.distributed import RankFailure\n"
+            "def run(args):\n    raise RankFailure('rank 0 of 2: an all-reduce of metrics failed')\n"
+            "run_parsed(types.SimpleNamespace(run=run))\nprint('teardown reached')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "tilt: error: rank 0 of 2: an all-reduce of metrics failed" in proc.stderr
+    assert "teardown reached" not in proc.stdout

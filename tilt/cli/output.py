@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from typing import Any, Sequence
 
@@ -42,9 +43,20 @@ def print_json(obj: Any) -> None:
 
 def run_parsed(args) -> int:
     """Run a parsed command (``args.run(args)``). Bad input (ValueError, a missing file, a missing package) prints
-    one ``tilt: error:`` line and exits 2, the same for every entry point."""
+    one ``tilt: error:`` line and exits 2, the same for every entry point. A multi-process run whose peer died
+    (``tilt.distributed.RankFailure``) prints its line and exits 3 at once: its checkpoints are already on disk, and
+    tearing down a broken process group can abort the process (SIGABRT) and bury the message."""
     try:
         return int(args.run(args) or 0)
     except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"tilt: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from tilt.distributed import RankFailure
+
+        if not isinstance(exc, RankFailure):
+            raise
+        print(f"tilt: error: {exc}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(3)
