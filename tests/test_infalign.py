@@ -33,6 +33,7 @@ from tilt.math.infalign import (
     best_of_n_values,
     best_of_n_win_rate_closed_form,
     bootstrap_win_rate,
+    bootstrap_win_rate_difference,
     calibrated_reward,
     exact_calibrated_reward,
     exact_win_rate,
@@ -276,6 +277,24 @@ def test_sampled_win_rates_and_bootstrap():
     true = torch.distributions.Normal(0, 1).cdf(torch.tensor(0.5 / math.sqrt(2))).item()  # P(X > Y)
     assert low < est < high and low < true < high and high - low < 0.15
     assert torch.equal(best_of_n_values(torch.tensor([[1.0, 5.0, 2.0, 0.0]]), 2), torch.tensor([[5.0, 2.0]]))
+
+
+def test_paired_win_rate_difference_shares_the_reference_draws():
+    g = torch.Generator().manual_seed(4)
+    ref = torch.randn(6, 64, generator=g, dtype=torch.float64)
+    a = torch.randn(6, 48, generator=g, dtype=torch.float64) + 0.6
+    b = torch.randn(6, 32, generator=g, dtype=torch.float64) + 0.2
+    est, low, high = bootstrap_win_rate_difference(a, b, ref, generator=g, num_resamples=300)
+    assert est == pytest.approx(pairwise_win_rate(a, ref).mean().item() - pairwise_win_rate(b, ref).mean().item(), abs=1e-12)
+    normal = torch.distributions.Normal(0, 1)
+    true = (normal.cdf(torch.tensor(0.6 / math.sqrt(2))) - normal.cdf(torch.tensor(0.2 / math.sqrt(2)))).item()
+    assert 0 < low < est < high and low < true < high
+    back, low_back, high_back = bootstrap_win_rate_difference(b, a, ref, generator=g, num_resamples=300)
+    assert back == pytest.approx(-est, abs=1e-12) and low_back < -est < high_back
+    same, low_same, high_same = bootstrap_win_rate_difference(a, a.clone(), ref, generator=g, num_resamples=300)
+    assert same == 0 and low_same < 0 < high_same  # the same draws: no gap, and the interval is not degenerate
+    with pytest.raises(ValueError, match="one row per prompt"):
+        bootstrap_win_rate_difference(a[:5], b, ref, generator=g)
 
 
 def test_evaluate_win_rates_against_exact():

@@ -319,3 +319,115 @@ class CalibratedReward:
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> Tensor:
         return self.transform(self.calibrated(prompts, completions, **columns))
+
+
+# --- CTRL from the command line ------------------------------------------------------------------------------------
+
+CTRL_TRANSFORMS = ("none", "identity", "exp", "probit")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """The ``calibration:`` section of ``tilt train kl-rl``: run CTRL (digest §5(a)) by training the KL-regularised
+    recipe on R = Phi(C) instead of the raw reward r. ``transform: none`` (the default) trains on r itself."""
+
+    transform: str = field(default="none", metadata={"help": "none: plain KL-RL on the raw reward (default); identity: the calibrated reward C "
+                                                     "(calibrated RLHF, best for the standard win rate); exp: the procedure's exponential of C "
+                                                     "mapped onto [0, 1] (needs t); probit: the inverse normal CDF of C"})
+    procedure: str = field(default="bon", metadata={"help": "what transform exp aims at: bon (best-of-N, exp(t C)) or won (worst-of-N, -exp(-t C))"})
+    t: float | None = field(default=None, metadata={"help": "exponent of transform exp (> 0; required by exp, left unset otherwise): pick it for "
+                                                    "your N and KL budget with `tilt infalign tune-t` (the paper's t values were not retrieved)"})
+    calibration_samples: int = field(default=32, metadata={"help": "m, reference completions per training prompt; 32 keeps calibration cheap on a CPU "
+                                                           "(standard error of C <= 0.5/sqrt(m) = 0.09); `tilt lab ctrl` uses 256; the paper's m was not retrieved"})
+    calibration_seed: int = field(default=0, metadata={"help": "seed of the one generator the calibration samples are drawn from"})
+    calibration_cache: str | None = field(default=None, metadata={"help": "a JSON file to reuse the calibration from (and write it to) across runs with the "
+                                                                  "same reference, reward, sampling, m, seed and prompts; None = only RUN/calibration.json"})
+
+    def __post_init__(self):
+        if self.transform not in CTRL_TRANSFORMS:
+            raise ValueError(f"calibration.transform must be one of {', '.join(CTRL_TRANSFORMS)}; got {self.transform!r}")
+        if self.procedure not in PROCEDURES:
+            raise ValueError(f"calibration.procedure must be bon or won; got {self.procedure!r}")
+        if self.transform == "exp" and (self.t is None or not self.t > 0):
+            raise ValueError(f"calibration.transform exp needs t > 0 (got {self.t}); choose it for your N and KL budget with "
+                             "`tilt infalign tune-t --procedure bon --n 4 --kl 0.5` and set calibration.t (or --t)")
+        if self.transform != "exp" and self.t is not None:
+            raise ValueError(f"calibration.t is used only by transform exp (transform is {self.transform!r}); remove t (--t none) or set transform: exp")
+        if self.calibration_samples < 1:
+            raise ValueError(f"calibration.calibration_samples must be >= 1; got {self.calibration_samples}")
+        if self.calibration_cache == "":
+            raise ValueError("calibration.calibration_cache must be a file path or null")
+
+    @property
+    def active(self) -> bool:
+        """True when the run trains on the calibrated, transformed reward (CTRL)."""
+        return self.transform != "none"
+
+    def phi(self) -> Transform:
+        """Phi on [0, 1] for this config (``procedure_transform``; probit bounded by ``bounded_probit``)."""
+        if self.transform == "probit":
+            m = self.calibration_samples
+            return lambda u: bounded_probit(u, samples_per_prompt=m)
+        return procedure_transform(self.procedure, self.transform, self.t)
+
+    def describe(self) -> str:
+        """What the run optimises, in words (for logs and the run summary)."""
+        if not self.active:
+            return "the raw reward r"
+        if self.transform == "exp":
+            what = f"exp({self.t:g} C) on [0, 1]" if self.procedure == "bon" else f"-exp(-{self.t:g} C) on [0, 1]"
+        else:
+            what = {"identity": "C", "probit": "probit(C)"}[self.transform]
+        return f"the CTRL reward {what}, C = the quantile of r among {self.calibration_samples} reference samples of the prompt"
+
+
+def bounded_probit(calibrated: Tensor, *, samples_per_prompt: int) -> Tensor:
+    """ndtri(u) with u clamped to [1/(4m), 1 - 1/(4m)]. The empirical C lies on the grid k/(2m) and is 0 or 1 for a
+    completion below or above all m reference samples, where ndtri is infinite; half a grid step keeps the reward
+    finite and leaves every other value unchanged (a departure needed only by the empirical C)."""
+    eps = 1.0 / (4 * samples_per_prompt)
+    return torch.special.ndtri(calibrated.clamp(eps, 1.0 - eps))
+
+
+def distinct_prompts(prompts: Sequence[Any]) -> list:
+    """The prompts without repeats, in first-seen order (each is calibrated once)."""
+    seen: dict[str, Any] = {}
+    for p in prompts:
+        seen.setdefault(prompt_key(p), p)
+    return list(seen.values())
+
+
+def calibration_matches(calibration: CalibrationSet, prompts: Sequence[Any], samples_per_prompt: int, *, seed: int, fingerprint: dict) -> bool:
+    """Whether ``calibration`` was built with this m, seed and fingerprint, for exactly these prompts (the test
+    ``load_or_build_calibration`` applies to its cache)."""
+    want = {"samples_per_prompt": samples_per_prompt, "seed": seed, **fingerprint}
+    return calibration.fingerprint == want and [prompt_key(p) for p in calibration.prompts] == [prompt_key(p) for p in prompts]
+
+
+def read_calibration(path: str | Path) -> CalibrationSet:
+    """``CalibrationSet.load`` with an error that names the file when it is not a calibration file."""
+    try:
+        return CalibrationSet.load(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not a readable calibration file ({type(exc).__name__}: {exc}); delete it or point "
+                         "calibration_cache elsewhere") from None
+
+
+class LoggedCalibratedReward(CalibratedReward):
+    """``CalibratedReward`` that also adds up, for logging, the raw reward r and the calibrated reward C of every
+    completion it scores: ``take_sums()`` returns (sum of r, sum of C, count) since its last call. The mean of C
+    over a policy's samples estimates its standard win rate against pi_ref (digest §5(a): W(pi > pi_ref) = E_pi[C])."""
+
+    def __init__(self, reward_fn: RewardFn, calibration: CalibrationSet, transform: Transform = identity_transform):
+        super().__init__(reward_fn, calibration, transform)
+        self._sums = [0.0, 0.0, 0]
+
+    def calibrated(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> Tensor:
+        raw = score_rewards(self.reward_fn, prompts, completions, **columns)  # (B,)
+        c = calibrated_reward(raw.unsqueeze(-1), self.calibration.rows(prompts)).squeeze(-1)  # (B,)
+        self._sums = [self._sums[0] + raw.sum().item(), self._sums[1] + c.sum().item(), self._sums[2] + raw.numel()]
+        return c
+
+    def take_sums(self) -> tuple[float, float, int]:
+        sums, self._sums = self._sums, [0.0, 0.0, 0]
+        return sums[0], sums[1], sums[2]

@@ -12,6 +12,10 @@ Errors: everything that can be checked before training (config keys and values, 
 reward, the tracker, and the reward on the initial samples) is checked before the run directory is created, so
 a bad input leaves no run directory. An error during training (a reward that raises at step 40) marks the run
 directory failed (RUN/FAILED holds the error) and leaves its checkpoints intact for ``--resume``.
+
+CTRL (a ``calibration:`` section with a transform; docs/infalign.md): after the run directory exists, m reference
+samples of every training prompt are drawn and scored once (or read from ``calibration_cache``), saved as
+RUN/calibration.json, and the recipe trains on Phi(C); ``--resume`` reads that file and never samples it again.
 """
 from __future__ import annotations
 
@@ -74,8 +78,9 @@ def sections() -> dict[str, type]:
     """The nested sections of a run config and their dataclasses."""
     from tilt.data import DataConfig
     from tilt.engine.hf import SamplingConfig
+    from tilt.infalign import CalibrationConfig
 
-    return {"sampling": SamplingConfig, "data": DataConfig}
+    return {"sampling": SamplingConfig, "data": DataConfig, "calibration": CalibrationConfig}
 
 
 SECTION_SKIP = {"data": ("fmt",)}  # fixed by the recipe (prompts)
@@ -185,16 +190,18 @@ def resolve(recipe: str, from_file: dict, overrides: dict[str, Any]) -> dict:
 
 
 def build(config: dict):
-    """(RunSettings, recipe config, SamplingConfig, DataConfig) from a resolved config."""
+    """(RunSettings, recipe config, SamplingConfig, DataConfig, CalibrationConfig) from a resolved config."""
     from tilt.data import DataConfig
     from tilt.engine.hf import SamplingConfig
+    from tilt.infalign import CalibrationConfig
 
     cls = recipe_config_class(config["recipe"])
     settings = RunSettings(**{f.name: tuple(config[f.name]) if f.name == "reward" else config[f.name] for f in fields(RunSettings)})
     recipe_config = cls(**{f.name: config[f.name] for f in fields(cls)})
     sampling = SamplingConfig(**config["sampling"])
     data = DataConfig(fmt="prompts", **config["data"])
-    return settings, recipe_config, sampling, data
+    calibration = CalibrationConfig(**config["calibration"])
+    return settings, recipe_config, sampling, data, calibration
 
 
 # --- the command line ----------------------------------------------------------------------------------------------
@@ -217,7 +224,7 @@ def add_recipe_parser(train_sub, recipe: str, summary: str) -> argparse.Argument
         recipe, help=summary, description=f"{summary}.\n\n{__doc__}", formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"Example: tilt train {recipe} --config examples/kl_rl_tiny.yaml --steps 20 --beta 0.1\n"
         f"         tilt train {recipe} --resume runs/my-run            (continue a stopped run)\n"
-        "Every config field below may be set in the YAML file (sampling and data fields in their sections) or "
+        "Every config field below may be set in the YAML file (sampling, data and calibration fields in their sections) or "
         "overridden here. See docs/runs.md.",
     )
     p.add_argument("--config", metavar="FILE.yaml", help="the run config (YAML)")
@@ -294,6 +301,92 @@ def draw_samples(policy, reward_fn, prompts: Sequence[str], settings: RunSetting
             for p, c, r in zip(rollout.prompts, rollout.completions, rewards.tolist())]
 
 
+CALIBRATION_FILE = "calibration.json"
+"""RUN/calibration.json: the calibration set a CTRL run trains with (``tilt.infalign.CalibrationSet`` as JSON)."""
+
+
+def calibration_fingerprint(settings: RunSettings, sampling) -> dict:
+    """What the reference samples of a calibration depend on besides m, seed and prompts: the reference and the
+    reward as the config names them (not their weights or code), and the sampling settings. JSON values only, so
+    that a saved fingerprint compares equal to a fresh one."""
+    from dataclasses import asdict
+
+    return {"reference": settings.ref, "reward": list(settings.reward), "sampling": asdict(sampling)}
+
+
+def check_calibration_cache(calibration) -> None:
+    """Before the run directory exists: the cache's folder exists and an existing cache file is readable."""
+    from tilt.infalign import read_calibration
+
+    if not calibration.active or calibration.calibration_cache is None:
+        return
+    cache = Path(calibration.calibration_cache)
+    if not cache.parent.is_dir():
+        raise FileNotFoundError(f"calibration_cache {str(cache)!r}: the folder {str(cache.parent)!r} does not exist")
+    if cache.exists():
+        read_calibration(cache)
+
+
+def save_calibration_atomic(calibration_set, path: Path) -> None:
+    """Write a calibration file through a temporary sibling and a rename, so readers never see half a file."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    calibration_set.save(tmp)
+    runs.fsync_path(tmp)
+    os.replace(tmp, path)
+    runs.fsync_path(path.parent)
+
+
+def calibrated_reward_for_run(run: Path, calibration, fingerprint: dict, ref, reward_fn, prompts: Sequence[Any], *,
+                              main_rank: bool):
+    """The CTRL reward of a run (digest §5(a)): the calibration of every distinct training prompt, from
+    RUN/calibration.json when the run already has one (a resumed run never samples it again), else from
+    ``calibration_cache`` when that was built with the same settings, else built with ``ref``; wrapped with the
+    config's Phi. Returns (reward, how the calibration was obtained)."""
+    from tilt import distributed
+    from tilt.infalign import LoggedCalibratedReward, build_calibration, calibration_matches, distinct_prompts, read_calibration
+
+    keyed = distinct_prompts(prompts)
+    m, seed = calibration.calibration_samples, calibration.calibration_seed
+    own = run / CALIBRATION_FILE
+    cache = Path(calibration.calibration_cache) if calibration.calibration_cache is not None else None
+    built = False
+    cached = None
+    if own.exists():
+        calibration_set = read_calibration(own)
+        if not calibration_matches(calibration_set, keyed, m, seed=seed, fingerprint=fingerprint):
+            raise ValueError(f"{own} was not built for this run's reference, reward, sampling, m, seed or prompts; "
+                             "delete it to build the calibration again")
+        source = f"reused {own}"
+    elif cache is not None and cache.exists() and calibration_matches(
+            cached := read_calibration(cache), keyed, m, seed=seed, fingerprint=fingerprint):
+        calibration_set, source = cached, f"read from the cache {cache}"
+    else:
+        if main_rank:
+            why = "" if cached is None else f" (the cache {cache} was built with other settings and is replaced)"
+            print(f"# calibration: sampling {m} reference completions of each of {len(keyed)} prompts ({m * len(keyed)} "
+                  f"in all){why}", flush=True)
+        # Under several processes every rank builds the same set: all samples come from one generator seeded with
+        # calibration_seed, so the ranks agree (checked below) with nothing to broadcast; only rank 0 writes it.
+        calibration_set = build_calibration(ref, reward_fn, keyed, m, seed=seed, fingerprint=fingerprint)
+        built, source = True, "built"
+    try:
+        distributed.check_same_config({"calibration": distributed.config_hash(calibration_set.ref_rewards.tolist())})
+    except distributed.ConfigMismatchError:
+        raise RuntimeError("the processes built different calibration sets (non-deterministic sampling or reward); build it "
+                           "once in one process with calibration_cache set, then relaunch with the same cache") from None
+    distributed.barrier()  # every rank has read the files before rank 0 writes them
+    if main_rank:
+        if not own.exists():
+            save_calibration_atomic(calibration_set, own)
+        if built and cache is not None:
+            save_calibration_atomic(calibration_set, cache)
+            source += f", saved to the cache {cache}"
+    distributed.barrier()
+    return LoggedCalibratedReward(reward_fn, calibration_set, calibration.phi()), source
+
+
 def train_kl_rl(config: dict, run_dir: Path, *, resume: bool) -> int:
     from tqdm import tqdm
 
@@ -312,8 +405,9 @@ def train_kl_rl(config: dict, run_dir: Path, *, resume: bool) -> int:
     hf_logging.disable_progress_bar()  # one progress bar (the run's), not one per file transformers reads or writes
     distributed.init()  # under torchrun (WORLD_SIZE > 1) only; one process needs no process group
     main_rank = distributed.is_main()  # one rank writes the run directory, logs and checkpoints
-    settings, recipe_config, sampling, data_config = build(config)
+    settings, recipe_config, sampling, data_config, calibration = build(config)
     runs.check_tracker(settings.tracker)
+    check_calibration_cache(calibration)
     if main_rank:
         print(f"# tilt train {config['recipe']}: resolved config" + (f" (resuming {run_dir})" if resume else ""))
         print(runs.dump_config(config), end="", flush=True)
@@ -378,6 +472,9 @@ def train_kl_rl(config: dict, run_dir: Path, *, resume: bool) -> int:
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
         done = step + 1  # updates done; the row describes the update that produced the policy of step `done`
+        if ctrl["reward"] is not None:  # "reward" is the CTRL reward the recipe optimised; add the raw r and C
+            raw_sum, calibrated_sum, count = distributed.all_sum(ctrl["reward"].take_sums())  # over every rank's samples
+            metrics = {**metrics, "reward_raw": raw_sum / count, "reward_calibrated": calibrated_sum / count}
         if main_rank:  # metrics are already aggregated over ranks by the recipe
             runs.append_jsonl(run / "metrics.jsonl", {"step": done, **metrics})
             tracker.log(done, metrics)
@@ -392,9 +489,26 @@ def train_kl_rl(config: dict, run_dir: Path, *, resume: bool) -> int:
             save(done)
             raise Stop(done)
 
+    ctrl: dict[str, Any] = {"reward": None}
     previous = {s: signal.signal(s, on_signal) for s in EXIT_SIGNAL}
     try:
-        kl_rl.train(recipe_config, policy, ref, reward_fn, prompts, optimizer=optimizer, start_step=start, on_step=on_step)
+        train_reward = reward_fn
+        if calibration.active:  # CTRL: the recipe trains on Phi(C); samples.jsonl keeps the raw reward
+            if main_rank:
+                bar.clear()  # the calibration's lines go above the progress bar, not onto it
+            ctrl["reward"], source = calibrated_reward_for_run(
+                run, calibration, calibration_fingerprint(settings, sampling), ref, reward_fn, prompts, main_rank=main_rank)
+            train_reward = ctrl["reward"]
+            if main_rank:
+                cal_set = ctrl["reward"].calibration
+                print(f"# calibration: {source}: m = {cal_set.samples_per_prompt} reference samples for each of "
+                      f"{len(cal_set.prompts)} prompts ({run / CALIBRATION_FILE})\n# training on {calibration.describe()}", flush=True)
+            if stop_signal["signal"] is not None:  # stopped while calibrating: the calibration is saved, no step taken
+                bar.close()
+                print(f"# stopped by {signal.Signals(stop_signal['signal']).name} after the calibration, before step {start + 1}\n"
+                      f"# continue with: tilt train {config['recipe']} --resume {run}", file=sys.stderr, flush=True)
+                return EXIT_SIGNAL[stop_signal["signal"]]
+        kl_rl.train(recipe_config, policy, ref, train_reward, prompts, optimizer=optimizer, start_step=start, on_step=on_step)
     except Stop as stop:
         bar.close()
         name = signal.Signals(stop_signal["signal"]).name
@@ -426,7 +540,11 @@ def train_kl_rl(config: dict, run_dir: Path, *, resume: bool) -> int:
     rows = runs.read_jsonl(run / "metrics.jsonl")
     if rows:
         last = rows[-1]
-        print(f"# step {last['step']}: reward {last['reward']:.4f}, KL to ref {last['kl_ref']:.4f}")
+        if calibration.active:
+            print(f"# step {last['step']}: reward {last['reward']:.4f} ({calibration.describe()}), raw reward "
+                  f"{last['reward_raw']:.4f}, mean C {last['reward_calibrated']:.4f}, KL to ref {last['kl_ref']:.4f}")
+        else:
+            print(f"# step {last['step']}: reward {last['reward']:.4f}, KL to ref {last['kl_ref']:.4f}")
     print(f"# run directory: {run}\n# trained policy: {final}")
     return 0
 

@@ -216,6 +216,41 @@ def bootstrap_win_rate(
     return estimate, low, high
 
 
+def bootstrap_win_rate_difference(
+    rewards_a: Tensor, rewards_b: Tensor, ref_rewards: Tensor, *, generator: torch.Generator, num_resamples: int = 1000,
+    level: float = 0.95,
+) -> tuple[float, float, float]:
+    """W(a > ref) - W(b > ref), the gap between two policies' win rates against the SAME reference draws, with a
+    paired percentile bootstrap interval: each resample draws the prompts once for both policies and the reference
+    samples once for both, so the reference's own noise cancels in the difference (unlike two separate intervals).
+
+    rewards_a: (P, A), rewards_b: (P, B), ref_rewards: (P, C), row i for prompt i (for inference-time win rates,
+    pass best-of-N or worst-of-N values). Returns (estimate, low, high).
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if not rewards_a.shape[0] == rewards_b.shape[0] == ref_rewards.shape[0]:
+        raise ValueError(f"the three reward tables must have one row per prompt; got {rewards_a.shape[0]}, "
+                         f"{rewards_b.shape[0]}, {ref_rewards.shape[0]} rows")
+    beats_a = _beats(rewards_a.unsqueeze(-1), ref_rewards.unsqueeze(-2))  # (P, A, C)
+    beats_b = _beats(rewards_b.unsqueeze(-1), ref_rewards.unsqueeze(-2))  # (P, B, C)
+    p, a, c = beats_a.shape
+    b = beats_b.shape[1]
+    estimate = beats_a.mean().item() - beats_b.mean().item()
+    values = torch.empty(num_resamples, dtype=torch.float64)
+    uniform_p = torch.full((p,), 1.0 / p, dtype=torch.float64)
+    for i in range(num_resamples):
+        prompt_counts = torch.bincount(torch.multinomial(uniform_p, p, replacement=True, generator=generator), minlength=p)
+        wc = _resample_counts(p, c, generator) / c  # (P, C), shared by both sides
+        wa = _resample_counts(p, a, generator) / a  # (P, A)
+        wb = _resample_counts(p, b, generator) / b  # (P, B)
+        gap = torch.einsum("pa,pac,pc->p", wa, beats_a, wc) - torch.einsum("pb,pbc,pc->p", wb, beats_b, wc)  # (P,)
+        values[i] = (prompt_counts.to(torch.float64) * gap).sum() / p
+    tail = (1 - level) / 2
+    low, high = torch.quantile(values, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return estimate, low, high
+
+
 def _resample_counts(rows: int, size: int, generator: torch.Generator) -> Tensor:
     """(rows, size) counts of each index in ``size`` draws with replacement, per row, as float64."""
     draws = torch.randint(size, (rows, size), generator=generator)
