@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import signal
 
 import pytest
+import torch
 import yaml
 
 from tilt import runs
@@ -135,6 +137,55 @@ def test_online_dpo_and_xpo_raise_the_win_rate_against_the_reference(world, comm
     prompts = [json.loads(line)["prompt"] for line in (world / "prompts.jsonl").read_text().splitlines()]
     m = evaluate(EvalConfig(samples_per_prompt=8, seed=7), policy, ref, reward_from_specs(["regex:[aeiou]"]), prompts).metrics
     assert m["win_rate_ci"][0] > 0.5 and m["reward_mean"] > m["ref_reward_mean"]
+
+
+STOPPING_REWARD = '''import os, signal
+
+CALLS = [0]
+
+
+def vowels(prompts, completions):
+    CALLS[0] += 1
+    if str(CALLS[0]) == os.environ.get("STOP_AT_REWARD_CALL"):
+        os.kill(os.getpid(), signal.SIGTERM)  # as if the user pressed stop during this step
+    return [float(sum(ch in "aeiou" for ch in c)) for c in completions]
+'''
+
+
+@pytest.mark.parametrize("command,extra", [("online-dpo", []), ("xpo", ["--alpha", "0.01", "--regime", "cumulative", "--refit-steps", "2"])])
+def test_online_dpo_and_xpo_stopped_by_sigterm_resume_to_the_uninterrupted_run(world, tmp_path, monkeypatch, capsys, command, extra):
+    """SIGTERM during step 4 of 8: the step finishes, a checkpoint is saved, exit 143; --resume then writes the
+    metrics, samples, summary and final weights of the uninterrupted run, exactly (CPU)."""
+    from safetensors.torch import load_file
+
+    from tilt.cli.train import EXIT_SIGNAL
+
+    reward = tmp_path / "reward.py"
+    reward.write_text(STOPPING_REWARD)
+    args = [command, "--config", str(world / "online.yaml"), "--reward", f"{reward}:vowels", "--steps", "8",
+            "--checkpoint-every", "3", "--eval-samples-per-prompt", "2", "--oracle", "bradley-terry", "--scale", "0.5", *extra]
+    whole, run = tmp_path / "whole", tmp_path / "stopped"
+    assert main([*args, "--run-dir", str(whole)]) == 0
+    # the reward is called once for the step-0 samples, then twice a step (A and B): call 9 is in step 4 (1-based)
+    monkeypatch.setenv("STOP_AT_REWARD_CALL", "9")
+    assert main([*args, "--run-dir", str(run)]) == EXIT_SIGNAL[signal.SIGTERM]
+    assert f"--resume {run}" in capsys.readouterr().err
+    assert [s for s, _ in runs.list_checkpoints(run)] == [3, 4] and not (run / "final").exists()
+    state = json.loads((run / "checkpoints" / runs.checkpoint_name(4) / runs.STATE_JSON).read_text())
+    assert state["extra"]["recipe"] == command
+    assert len(state["extra"].get("stored_pairs", {"rows": []})["rows"]) == (4 if "cumulative" in extra else 0)
+    monkeypatch.delenv("STOP_AT_REWARD_CALL")
+    assert main([command, "--resume", str(run), "--steps", "9"]) == 2  # the run's recipe cannot change
+    assert "cannot change steps" in capsys.readouterr().err
+    assert main([command, "--resume", str(run)]) == 0
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        assert runs.read_jsonl(run / name) == runs.read_jsonl(whole / name), name
+    assert [r["step"] for r in runs.read_jsonl(run / "metrics.jsonl")] == list(range(1, 9))
+    assert _summary(run) == _summary(whole)
+    resumed, uninterrupted = load_file(run / "final" / "model.safetensors"), load_file(whole / "final" / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for name, w in uninterrupted.items():
+        assert torch.equal(resumed[name], w), name
 
 
 def test_the_reward_model_ranks_held_out_pairs_far_above_chance_and_is_a_reward_spec(world):

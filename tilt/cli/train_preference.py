@@ -15,9 +15,9 @@ printed and saved as RUN/config.yaml. Every check that bad input can fail (confi
 paths, the reward on a first sample) runs before the run directory exists. RUN/summary.json holds the numbers
 measured after training, which are also printed.
 
-Stopping and resuming: ``dpo`` and ``reward-model`` save checkpoints and continue a stopped run with
-``--resume RUN`` (SIGTERM or Ctrl-C saves a checkpoint first, exit 143 or 130). ``online-dpo`` and ``xpo`` do not
-resume: a stopped run is restarted from the beginning (a new run directory).
+Stopping and resuming: every command saves checkpoints and continues a stopped run with ``--resume RUN``
+(SIGTERM or Ctrl-C saves a checkpoint first, exit 143 or 130). An ``online-dpo`` / ``xpo`` checkpoint of the
+cumulative regime also holds the pairs collected so far, which every later step re-fits on.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from tilt.cli.train import EXIT_FAILED, EXIT_SIGNAL, Stop, _coerce, load_yaml
 from tilt.cli.output import run_parsed
 
 COMMANDS = ("dpo", "online-dpo", "xpo", "reward-model")
-RESUMABLE = ("dpo", "reward-model")
+RESUMABLE = ("dpo", "online-dpo", "xpo", "reward-model")
 RESUME_OVERRIDABLE = ("checkpoint_every", "keep_checkpoints")
 """Fields that ``--resume`` may change: neither alters the steps already taken."""
 ORACLES = ("comparison", "bradley-terry")
@@ -71,9 +71,12 @@ class OnlineRun:
     sample_prompts: int = field(default=4, metadata={"help": "how many prompts (the first ones) samples.jsonl shows, at step 0 and at the end"})
     eval_prompts: int = field(default=0, metadata={"help": "after training, evaluate on the first N prompts (0 = all of them)"})
     eval_samples_per_prompt: int = field(default=8, metadata={"help": "completions per prompt from the policy and from pi_ref in the final evaluation; 0 = no evaluation"})
+    checkpoint_every: int = field(default=50, metadata={"help": "save a checkpoint every this many steps (and at the end); 0 = only at the end"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "keep the newest N checkpoints; 0 = keep all"})
 
     def __post_init__(self):
         _need(self, ("model", "prompts"))
+        _check_checkpointing(self)
         if not self.reward:
             raise ValueError("the config must set reward (the oracle compares completions by it), in the YAML file or as --reward SPEC")
         if self.oracle not in ORACLES:
@@ -326,7 +329,7 @@ def run_command(args: argparse.Namespace) -> int:
         return train_dpo(config, run_dir, resume=bool(resume))
     if command == "reward-model":
         return train_reward_model(config, run_dir, resume=bool(resume))
-    return train_online(config, run_dir)
+    return train_online(config, run_dir, resume=bool(resume))
 
 
 # --- the training loop shared by the commands ----------------------------------------------------------------------
@@ -402,13 +405,15 @@ def _open_run(run_dir: Path, config: dict, resume: bool, initial_samples: list[d
     return runs.create_run(run_dir, config, initial_samples)
 
 
-def _restore(checkpoint: Path | None, optimizer, total: int, start: int) -> None:
+def _restore(checkpoint: Path | None, optimizer, total: int, start: int) -> dict | None:
+    """Restore the optimizer and RNG states of ``checkpoint``; returns its trainer state (None without one)."""
     if checkpoint is None:
-        return
+        return None
     state, tensors = runs.load_trainer_state(checkpoint)
     runs.restore_optimizer(optimizer, state, tensors)
     runs.restore_rng(state, tensors)
     print(f"# resuming from {checkpoint} (step {start} of {total})", flush=True)
+    return state
 
 
 def _finish(run: Path, summary: dict) -> None:
@@ -514,7 +519,31 @@ def build_oracle(settings: OnlineRun, reward_fn):
     return RewardComparison(reward_fn, ties=settings.ties)
 
 
-def train_online(config: dict, run_dir: Path) -> int:
+def stored_pairs_extra(stored) -> dict:
+    """The cumulative regime's pairs for a checkpoint's JSON state: texts as JSON, tensors as one safetensors
+    blob (base64), so nothing is pickled."""
+    import base64
+
+    from safetensors.torch import save
+
+    from tilt.recipes.online_dpo import stored_pairs_state
+
+    rows, tensors = stored_pairs_state(stored)
+    return {"rows": rows, "tensors": base64.b64encode(save(tensors)).decode("ascii")}
+
+
+def stored_pairs_from_extra(extra: dict, device) -> list:
+    """The pairs ``stored_pairs_extra`` saved, on ``device``."""
+    import base64
+
+    from safetensors.torch import load
+
+    from tilt.recipes.online_dpo import restore_stored_pairs
+
+    return restore_stored_pairs(extra["rows"], load(base64.b64decode(extra["tensors"])), device)
+
+
+def train_online(config: dict, run_dir: Path, *, resume: bool = False) -> int:
     from tilt.cli.train import draw_samples
     from tilt.data import load_data
     from tilt.engine.hf import HFPolicy
@@ -533,8 +562,9 @@ def train_online(config: dict, run_dir: Path) -> int:
                          "set eval_samples_per_prompt: 0 to train with a modified sampler")
     resolve_model_path(settings.model)
     resolve_model_path(settings.ref)
+    checkpoint, start = runs.prepare_resume(run_dir) if resume else (None, 0)
     tokenizer = load_tokenizer(settings.model)
-    policy = HFPolicy(load_model(settings.model), tokenizer, sampling)
+    policy = HFPolicy(load_model(str(checkpoint) if checkpoint is not None else settings.model), tokenizer, sampling)
     ref = HFPolicy(load_model(settings.ref).requires_grad_(False), load_tokenizer(settings.ref), sampling)
     if len(ref.tokenizer) != len(tokenizer):
         raise ValueError(f"the reference {settings.ref!r} has a vocabulary of {len(ref.tokenizer)} tokens and the model "
@@ -542,15 +572,30 @@ def train_online(config: dict, run_dir: Path) -> int:
     reward_fn = reward_from_specs(list(settings.reward))
     oracle = build_oracle(settings, reward_fn)
     prompts = [row["prompt"] for row in load_data(settings.prompts, secs["data"], tokenizer=tokenizer).rows]
-    try:
-        initial = draw_samples(policy, reward_fn, prompts, settings, cfg.seed, 0)  # a broken reward fails here
-    except RewardError as exc:
-        raise ValueError(str(exc)) from exc
-    run = runs.create_run(run_dir, config, initial)
+    initial = []
+    if not resume:
+        try:
+            initial = draw_samples(policy, reward_fn, prompts, settings, cfg.seed, 0)  # a broken reward fails here
+        except RewardError as exc:
+            raise ValueError(str(exc)) from exc
+    run = _open_run(run_dir, config, resume, initial)
     optimizer = build_optimizer(cfg.optimizer, policy.parameters(), cfg.lr)
-    stopped = run_steps(command, run, cfg.steps, 0, lambda on_step: online_dpo.train(
-        cfg, policy, ref, oracle, prompts, optimizer=optimizer, on_step=on_step),
-        save=None, checkpoint_every=0, shown=("loss", "policy_sample_win_rate", "kl_ref"))
+    state = _restore(checkpoint, optimizer, cfg.steps, start)
+    stored: list = []  # the cumulative regime's pairs, appended to by the recipe, saved with every checkpoint
+    if state is not None and cfg.regime == "cumulative":
+        if "stored_pairs" not in state["extra"]:
+            raise ValueError(f"{checkpoint} holds no stored pairs, which the cumulative regime needs to resume")
+        stored = stored_pairs_from_extra(state["extra"]["stored_pairs"], policy.device)
+
+    def save(step: int) -> None:
+        extra: dict[str, Any] = {"recipe": command}
+        if cfg.regime == "cumulative":
+            extra["stored_pairs"] = stored_pairs_extra(stored)
+        runs.save_checkpoint(run, step, policy.model, tokenizer, optimizer, keep=settings.keep_checkpoints, extra=extra)
+
+    stopped = run_steps(command, run, cfg.steps, start, lambda on_step: online_dpo.train(
+        cfg, policy, ref, oracle, prompts, optimizer=optimizer, start_step=start, stored=stored, on_step=on_step),
+        save=save, checkpoint_every=settings.checkpoint_every, shown=("loss", "policy_sample_win_rate", "kl_ref"))
     if stopped is not None:
         return stopped
     for row in draw_samples(policy, reward_fn, prompts, settings, cfg.seed, cfg.steps):

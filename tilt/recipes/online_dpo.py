@@ -41,7 +41,7 @@ from torch import Tensor
 from tilt.math.masking import masked_sum
 from tilt.math.preference import dpo_sigmoid_loss, implicit_reward, ipo_loss, xpo_bonus
 from tilt.preferences import TIE, PreferenceOracle
-from tilt.recipes.common import build_optimizer, prompt_indices, step_generator
+from tilt.recipes.common import build_optimizer, derive_seed, prompt_indices, step_generator, step_prompt_seeds
 from tilt.rollout import Policy, Rollout
 
 SCHEMES = ("online-dpo", "pairs", "xpo")
@@ -113,12 +113,21 @@ class LabelledPairs:
 
 
 @torch.no_grad()
-def collect_pairs(config: OnlineDPOConfig, policy: Policy, ref: Policy, oracle: PreferenceOracle, prompts: Sequence[Any], generator: torch.Generator) -> LabelledPairs:
-    """Sample one pair per prompt under the config's scheme and label it."""
-    a = policy.sample(prompts, 1, generator=generator)
-    second = policy if config.scheme == "online-dpo" else ref
-    b = second.sample(prompts, 1, generator=generator)
-    labels = oracle(a.prompts, a.completions, b.completions, generator=generator).to(torch.float64)
+def collect_pairs(config: OnlineDPOConfig, policy: Policy, ref: Policy, oracle: PreferenceOracle, prompts: Sequence[Any],
+                  prompt_seeds: Sequence[int], label_generator: torch.Generator) -> LabelledPairs:
+    """Sample one pair per prompt under the config's scheme and label it.
+
+    ``online-dpo``: one ``policy.sample(prompts, 2)`` call (each prompt pre-filled once), prompt p's two samples
+    from ``prompt_seeds[p]``: the first is A, the second B. ``pairs`` / ``xpo``: A from the policy with
+    ``prompt_seeds[p]`` and B from pi_ref with a seed derived from it, so that A and B differ even while the
+    policy equals the reference. The oracle draws (Bradley-Terry labels, random tie-breaks) from ``label_generator``."""
+    if config.scheme == "online-dpo":
+        both = policy.sample(prompts, 2, prompt_seeds=prompt_seeds)  # (2P,) grouped: rows 2p, 2p + 1 are prompt p's
+        a, b = both.take(slice(0, None, 2)), both.take(slice(1, None, 2))  # (P,) each
+    else:
+        a = policy.sample(prompts, 1, prompt_seeds=prompt_seeds)
+        b = ref.sample(prompts, 1, prompt_seeds=[derive_seed(s, "reference") for s in prompt_seeds])
+    labels = oracle(a.prompts, a.completions, b.completions, generator=label_generator).to(torch.float64)
     if labels.shape != (len(a),):
         raise ValueError(f"the oracle returned shape {tuple(labels.shape)} for {len(a)} pairs; it must return one label per pair")
     ref_a = masked_sum(ref.token_logprobs(a), a.completion_mask)
@@ -188,22 +197,42 @@ def train(
     prompts: Sequence[Any],
     *,
     optimizer: torch.optim.Optimizer | None = None,
+    start_step: int = 0,
+    stored: list[LabelledPairs] | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> torch.optim.Optimizer:
     """Run ``config.steps`` steps of online DPO / XPO on ``policy`` against ``ref``, labelling with ``oracle``.
 
     ``ref`` may be any policy with the same vocabulary. ``on_step(step, metrics)`` gets the metrics of
     docs/xpo.md after each step. Returns the optimizer.
+
+    ``stored`` is the cumulative regime's data set (unused when streaming): the recipe appends each step's pairs to
+    this list (pass one to save it in a checkpoint from ``on_step``). ``start_step`` resumes a run: steps before it
+    are skipped (prompts, samples and labels are pure functions of the step); the policy and ``optimizer`` must hold
+    their state after ``start_step`` steps and, in the cumulative regime, ``stored`` the pairs of those steps.
     """
     if len(prompts) == 0:
         raise ValueError("no prompts to train on")
+    stored = [] if stored is None else stored
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
+    if config.regime == "cumulative" and len(stored) != min(start_step, config.steps):
+        raise ValueError(f"the cumulative regime resumed at step {start_step} needs the pairs of its {start_step} earlier steps "
+                         f"in stored (one entry per step); got {len(stored)}")
+    if config.regime == "streaming" and stored:
+        raise ValueError("the streaming regime stores no pairs; pass stored=None (or an empty list)")
     optimizer = optimizer or build_optimizer(config.optimizer, policy.parameters(), config.lr)
-    data: list[LabelledPairs] = []
-    for step in range(config.steps):
+    positions = range(config.prompts_per_step)
+    for step in range(start_step, config.steps):
         alpha, beta = scheduled(config.alpha, step), scheduled(config.beta, step)
         batch = [prompts[i] for i in prompt_indices(len(prompts), step, config.prompts_per_step, config.seed)]
-        pairs = collect_pairs(config, policy, ref, oracle, batch, step_generator(config.seed, step))
-        data = data + [pairs] if config.regime == "cumulative" else [pairs]
+        seeds = step_prompt_seeds(config.seed, step, positions)  # by position in the step: independent of the batch
+        pairs = collect_pairs(config, policy, ref, oracle, batch, seeds, step_generator(config.seed, step, "labels"))
+        if config.regime == "cumulative":
+            stored.append(pairs)
+            data = stored
+        else:
+            data = [pairs]
         for _ in range(config.refit_steps):
             metrics = refit(config, policy, data, optimizer, alpha=alpha, beta=beta)
         if not math.isfinite(metrics["loss"]):
@@ -220,6 +249,58 @@ def train(
         if on_step is not None:
             on_step(step, metrics)
     return optimizer
+
+
+# --- the stored pairs in a checkpoint: JSON and named tensors, no pickle -----------------------------------------
+ROLLOUT_TENSORS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated", "sample_token_logprobs")
+PAIR_TENSORS = ("a_preferred", "ref_a", "ref_b")
+
+
+def _json_value(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _from_json(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value  # JSON has no tuples: a sequence comes back as one
+
+
+def stored_pairs_state(stored: Sequence[LabelledPairs]) -> tuple[list[dict], dict[str, Tensor]]:
+    """The cumulative regime's pairs as (JSON rows, named CPU tensors), one row per step, for a checkpoint
+    (tensors to safetensors). Prompts and completions must be JSON values (texts; tuples come back as tuples)."""
+    rows: list[dict] = []
+    tensors: dict[str, Tensor] = {}
+    for i, pairs in enumerate(stored):
+        row: dict[str, Any] = {"b_from_ref": pairs.b_from_ref}
+        for side in ("a", "b"):
+            rollout: Rollout = getattr(pairs, side)
+            row[side] = {"prompts": [_json_value(p) for p in rollout.prompts],
+                         "completions": [_json_value(c) for c in rollout.completions],
+                         "samples_per_prompt": rollout.samples_per_prompt, "sampled_from_policy": rollout.sampled_from_policy}
+            for name in ROLLOUT_TENSORS:
+                tensors[f"{i}.{side}.{name}"] = getattr(rollout, name).detach().cpu().contiguous()
+        for name in PAIR_TENSORS:
+            tensors[f"{i}.{name}"] = getattr(pairs, name).detach().cpu().contiguous()
+        rows.append(row)
+    return rows, tensors
+
+
+def restore_stored_pairs(rows: Sequence[dict], tensors: dict[str, Tensor], device: torch.device | str = "cpu") -> list[LabelledPairs]:
+    """The pairs ``stored_pairs_state`` saved, bit for bit, their tensors on ``device`` (the policy's)."""
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            sides = {}
+            for side in ("a", "b"):
+                meta = row[side]
+                sides[side] = Rollout(prompts=[_from_json(p) for p in meta["prompts"]],
+                                      completions=[_from_json(c) for c in meta["completions"]],
+                                      **{name: tensors[f"{i}.{side}.{name}"].to(device) for name in ROLLOUT_TENSORS},
+                                      samples_per_prompt=meta["samples_per_prompt"], sampled_from_policy=meta["sampled_from_policy"])
+            out.append(LabelledPairs(**sides, **{name: tensors[f"{i}.{name}"].to(device) for name in PAIR_TENSORS},
+                                     b_from_ref=row["b_from_ref"]))
+        except KeyError as exc:
+            raise ValueError(f"the stored pairs of step {i} lack {exc}: the checkpoint is incomplete or from another version") from None
+    return out
 
 
 def config_dict(config: OnlineDPOConfig) -> dict:
