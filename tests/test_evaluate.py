@@ -12,15 +12,19 @@ from tilt.cli import evaluate as eval_cli
 from tilt.cli import report as report_cli
 from tilt.engine.hf import HFPolicy, SamplingConfig
 from tilt.engine.tiny import char_tokenizer, tiny_gpt2
-from tilt.evaluation import EvalConfig, bootstrap_mean, evaluate
+from tilt.evaluation import EvalConfig, bootstrap_mean, evaluate, target_diagnostics
+from tilt.lab.tabular import TabularPolicy, random_tabular_policy
+from tilt.lab.world import TableReward
 from tilt.math import exact
 from tilt.math.infalign import exact_win_rate
+from tilt.recipes import kl_rl
 from tilt.report import build_report, load_run
 
 ALPHABET = "ab"  # ids: <pad> 0, <eos> 1, <unk> 2, a 3, b 4
 EOS, A, B = 1, 3, 4
 T = 4  # max new tokens
-LOGITS = {"flat": [-3.0, 0.0, -3.0, 0.0, 0.0], "likes_a": [-3.0, 0.0, -3.0, 1.5, 0.0]}
+LOGITS = {"flat": [-3.0, 0.0, -3.0, 0.0, 0.0], "likes_a": [-3.0, 0.0, -3.0, 1.5, 0.0],
+          "flat_no_eos": [-3.0, -30.0, -3.0, 0.0, 0.0], "likes_a_no_eos": [-3.0, -30.0, -3.0, 1.5, 0.0]}
 PROMPTS = ["ab", "b", "aab", "ba"]
 
 REWARD_FILE = """
@@ -313,3 +317,84 @@ def test_recorded_evaluations_reach_the_report(world, tmp_path, capsys):
     assert "Evaluations" in text and f"{recorded[1]['kl_ref']:.4g}" in text
     with pytest.raises(FileNotFoundError, match="--record"):
         eval_json(world, capsys, "flat", "flat", "--record", tmp_path / "nope", samples=4)
+
+
+# --- the tilted-target diagnostics (--beta) ---------------------------------------------------------------------------
+def tabular_setting(beta: float):
+    """Two contexts, V = L = 3: a reference, a random reward table, and the exact pi* ∝ ref exp(r/beta) per context."""
+    ref = random_tabular_policy(3, 3, contexts=2, seed=4)
+    table = torch.rand(2, 27, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 2
+    with torch.no_grad():
+        log_p = ref.support_logprobs() + table / beta  # (C, N) log P
+    log_z = log_p.logsumexp(-1, keepdim=True)  # (C, 1)
+    return ref, table, TableReward(table, 3, 3), log_p - log_z, log_z.squeeze(-1)
+
+
+def exact_target_diagnostics(log_pi, log_star, log_z):
+    """The exact values behind the target_* estimates, averaged over contexts as the estimates are."""
+    log_m = torch.logaddexp(log_pi, log_star) - math.log(2)
+    return {"log_z": log_z.mean().item(), "kl_target_policy": exact.kl(log_star, log_pi).item(),
+            "kl_policy_target": exact.kl(log_pi, log_star).item(), "tv": exact.total_variation(log_pi, log_star).item(),
+            "js": (0.5 * exact.kl(log_pi, log_m) + 0.5 * exact.kl(log_star, log_m)).item()}
+
+
+def test_target_diagnostics_agree_with_the_kl_rl_recipe_on_the_same_samples():
+    beta = 0.5
+    ref, _, reward, _, _ = tabular_setting(beta)
+    policy = random_tabular_policy(3, 3, contexts=2, seed=6)
+    config = kl_rl.KLRLConfig(beta=beta, samples_per_prompt=8, prompts_per_step=4, optimizer="sgd", lr=0.0)
+    prompts, seeds = [0, 1, 1, 0], [11, 12, 13, 14]
+    logged = kl_rl.kl_rl_step(config, policy, ref, reward, prompts, torch.optim.SGD(policy.parameters(), lr=0.0), seeds)
+    rollout = policy.sample(prompts, 8, prompt_seeds=seeds)  # the step's samples again (seeded by prompt)
+    with torch.no_grad():
+        log_ratio = policy.token_logprobs(rollout).sum(-1) - ref.token_logprobs(rollout).sum(-1)
+    ours = target_diagnostics(reward(rollout.prompts, rollout.completions).view(4, 8), log_ratio.view(4, 8), beta=beta)
+    recipe = {key: value for key, value in logged.items() if key.startswith("target_")}
+    assert len(recipe) == 22 and set(ours) == set(recipe)
+    assert recipe["target_kl_target_policy"] > 0.05 and recipe["target_ess_fraction"] < 0.9  # pi is not pi*
+    for key, value in recipe.items():
+        assert ours[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def test_eval_target_diagnostics_cover_the_exact_values():
+    beta = 1.0
+    ref, _, reward, log_star, log_z = tabular_setting(beta)
+    star = TabularPolicy.from_sequence_logprobs(3, 3, log_star)
+    other = random_tabular_policy(3, 3, contexts=2, seed=6, scale=0.5)
+    for name, policy in (("ref", ref), ("other", other)):
+        with torch.no_grad():
+            truth = exact_target_diagnostics(policy.support_logprobs(), log_star, log_z)
+        assert truth["kl_target_policy"] > 0.1 and truth["tv"] > 0.1, name  # there is something to estimate
+        covered = dict.fromkeys(truth, 0)
+        for seed in range(10):  # 95% intervals: about 9.5 of 10 seeds cover (over 40 seeds, 38 to 40 of 40 per key)
+            m = evaluate(EvalConfig(samples_per_prompt=400, num_resamples=10, seed=seed, beta=beta), policy, ref, reward, [0, 1]).metrics
+            for key, value in truth.items():
+                covered[key] += m[f"target_{key}_lower"] <= value <= m[f"target_{key}_upper"]
+            assert 0 < m["target_ess_fraction"] < 0.9 and m["beta"] == beta
+        assert min(covered.values()) >= 8, (name, covered)
+    config = EvalConfig(samples_per_prompt=400, num_resamples=10, beta=beta)
+    m = evaluate(config, star, ref, reward, [0, 1]).metrics  # pi = pi*: every weight pi*/pi is Z
+    assert m["target_log_z"] == pytest.approx(log_z.mean().item(), abs=1e-9) and m["target_log_z_stderr"] < 1e-9
+    assert m["target_ess_fraction"] == pytest.approx(1.0, abs=1e-9) and m["target_ess"] == pytest.approx(400, abs=1e-6)
+    for key in ("kl_target_policy", "kl_policy_target", "tv", "js"):
+        assert m[f"target_{key}"] == pytest.approx(0.0, abs=1e-9), key
+
+
+def test_eval_beta_flag_on_a_model_that_is_its_target(world, capsys):
+    # without EOS every completion has T tokens, and a unigram law tilted by exp(1.5 * count of a) is the unigram law
+    # with logit +1.5 on a: the model is pi* ∝ ref exp(r / beta) for beta = 1/1.5 exactly (up to the e^-30 EOS mass)
+    m = eval_json(world, capsys, "likes_a_no_eos", "flat_no_eos", "--beta", 1 / 1.5)
+    assert m["target_ess_fraction"] == pytest.approx(1.0, abs=1e-4) and m["target_kl_target_policy"] == pytest.approx(0.0, abs=1e-4)
+    exact_log_z = T * math.log((math.exp(1.5) + 1 + 2 * math.exp(-3)) / (2 + 2 * math.exp(-3)))  # per token, over T
+    assert m["target_log_z"] == pytest.approx(exact_log_z, abs=1e-4)
+    away = eval_json(world, capsys, "flat_no_eos", "flat_no_eos", "--beta", 1 / 1.5)  # pi = pi_ref
+    assert away["target_log_z_lower"] <= exact_log_z <= away["target_log_z_upper"]
+    assert away["target_kl_target_policy_lower"] > 0.1 and away["target_ess_fraction"] < 0.9
+    out = cli(["eval", "--model", world / "likes_a", "--ref", world / "flat", "--prompts", world / "prompts.jsonl",
+               "--reward", f"{world / 'rewards.py'}:count_a", "--samples", 8, "--max-new-tokens", T, "--beta", 0.5], capsys)
+    assert "KL(pi* || model)" in out and "ESS" in out and "tilted target" in out
+    assert "target_log_z" not in eval_json(world, capsys, "likes_a", "flat", samples=4)  # off without --beta
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        EvalConfig(beta=0.0)
+    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+        EvalConfig(samples_per_prompt=1, beta=1.0)

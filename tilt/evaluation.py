@@ -12,9 +12,14 @@ What is estimated, from K samples of each prompt from pi and K from pi_ref (P pr
   tie convention is [R]), over all K x K pairs of each prompt (``tilt.math.infalign.pairwise_win_rate``);
 * with ``best_of = N``: ``win_rate_bon``, BoN_N(pi) against BoN_N(pi_ref), and ``win_rate_won``, WoN_N(pi) against
   WoN_N(pi_ref) (InfAlign's inference-time win rates, digest §5(a)): the K samples of each prompt form K/N groups of
-  N, and each group's best (worst) reward is one draw of the procedure.
+  N, and each group's best (worst) reward is one draw of the procedure;
+* with ``beta = B``: ``target_*``, how far pi is from the tilted target pi* ∝ pi_ref exp(r/B) (digest §1.1), by
+  importance sampling on the same K samples of pi (``tilt.math.importance.diagnostics`` with q = pi, the keys and
+  meanings the KL-RL recipe logs): log Z, KL(pi* || pi), KL(pi || pi*), TV, JS, each with a 95% delta-method
+  interval (``_stderr``, ``_lower``, ``_upper``), and the Kish ESS of the weights pi*/pi (``ess``, ``ess_fraction``).
+  Any model, however it was trained, is compared with the same target.
 
-Intervals: a two-level percentile bootstrap, the scheme of ``tilt.math.infalign.bootstrap_win_rate`` (which gives
+Intervals (all but the ``target_*`` ones, which are importance sampling's own): a two-level percentile bootstrap, the scheme of ``tilt.math.infalign.bootstrap_win_rate`` (which gives
 the win-rate intervals): each resample draws the prompts with replacement and, within each drawn prompt, that
 prompt's samples with replacement. It is valid with one prompt and with one sample per prompt, and counts the
 prompts as a sample from a population; it is conservative (within-prompt noise enters twice) when there are many
@@ -30,6 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from tilt.math import importance
 from tilt.math.infalign import best_of_n_values, bootstrap_win_rate, worst_of_n_values
 from tilt.math.kl import k1, k3
 from tilt.math.masking import masked_sum
@@ -72,6 +78,25 @@ def sequence_kl_terms(seq_log_ratio: Tensor) -> dict[str, Tensor]:
     return {"k1": k1(seq_log_ratio), "k3": k3(seq_log_ratio)}
 
 
+def target_diagnostics(rewards: Tensor, seq_log_ratio: Tensor, *, beta: float) -> dict[str, float]:
+    """Importance-sampled diagnostics of pi against pi* ∝ pi_ref exp(r/beta) from K samples y ~ pi of each of P
+    prompts, keyed ``target_<name>`` for every key of ``tilt.math.importance.diagnostics`` (log Z, KL(pi* || pi),
+    KL(pi || pi*), TV, JS with 95% intervals, ESS), as the KL-RL recipe logs them.
+
+    The recipe calls diagnostics(log P, log q, log pi) with log P = log pi_ref + r/beta and q = pi. Every estimate
+    there depends on its inputs only through log P - log q and log pi - log q, so the same numbers come from
+    log P - log pi = r/beta - (log pi - log pi_ref) and log q = log pi = 0: the sequence log-ratio is all it needs.
+    rewards, seq_log_ratio: (P, K), K >= 2, seq_log_ratio = log pi(y) - log pi_ref(y) on y ~ pi.
+    """
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0 for the target pi* ∝ pi_ref exp(r/beta), got {beta}")
+    if rewards.shape != seq_log_ratio.shape or rewards.dim() != 2:
+        raise ValueError(f"rewards and seq_log_ratio must both be (P, K); got {tuple(rewards.shape)} and {tuple(seq_log_ratio.shape)}")
+    log_w = rewards.double() / beta - seq_log_ratio.double()  # (P, K) log pi*(y)/pi(y) + log Z
+    zero = torch.zeros_like(log_w)
+    return {f"target_{name}": value for name, value in importance.diagnostics(log_w, zero, zero).items()}
+
+
 # --- sampling and scoring on a Policy ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class EvalConfig:
@@ -86,8 +111,15 @@ class EvalConfig:
     level: float = field(default=0.95, metadata={"help": "coverage of the intervals"})
     batch_size: int = field(default=64, metadata={"help": "sequences per sampling call (memory bound)"})
     seed: int = field(default=0, metadata={"help": "seed of sampling and of the bootstrap"})
+    beta: float | None = field(default=None, metadata={
+        "help": "also estimate how far the policy is from pi* ∝ pi_ref exp(r/beta) (the target_* metrics); None = off"})
 
     def __post_init__(self):
+        if self.beta is not None and not self.beta > 0:
+            raise ValueError(f"beta must be > 0 (the target is pi_ref exp(r/beta)), or None to skip the target diagnostics; got {self.beta}")
+        if self.beta is not None and self.samples_per_prompt < 2:
+            raise ValueError("the target diagnostics (beta) estimate each prompt's log Z from its samples: they need "
+                             f"samples_per_prompt >= 2, got {self.samples_per_prompt}")
         if self.samples_per_prompt < 1:
             raise ValueError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
         if self.best_of < 0:
@@ -166,7 +198,8 @@ def draw_scored(policy: Policy, prompts: Sequence[Any], k: int, reward_fn: Rewar
 def evaluate(config: EvalConfig, policy: Policy, ref: Policy, reward_fn: RewardFn, prompts: Sequence[Any], *,
              columns: Mapping[str, Sequence] | None = None, progress: Callable[[int], None] | None = None) -> Evaluation:
     """Sample K = ``config.samples_per_prompt`` completions of every prompt from ``policy`` and from ``ref``, and
-    estimate reward, KL(policy || ref) and win rates with intervals (module docstring). Draws 2 * P * K samples.
+    estimate reward, KL(policy || ref) and win rates with intervals (module docstring), and with ``config.beta`` the
+    ``target_*`` diagnostics against pi* ∝ ref exp(reward/beta) from the same samples. Draws 2 * P * K samples.
     Passing the same object as ``policy`` and ``ref`` evaluates a model against itself (KL exactly 0)."""
     prompts = list(prompts)
     if not prompts:
@@ -199,6 +232,9 @@ def evaluate(config: EvalConfig, policy: Policy, ref: Policy, reward_fn: RewardF
         m["best_of"] = n
         put("win_rate_bon", bootstrap_win_rate(best_of_n_values(pi.rewards, n), best_of_n_values(rf.rewards, n), **boot))
         put("win_rate_won", bootstrap_win_rate(worst_of_n_values(pi.rewards, n), worst_of_n_values(rf.rewards, n), **boot))
+    if config.beta is not None:
+        m["beta"] = config.beta
+        m.update(target_diagnostics(pi.rewards, pi.seq_log_ratio, beta=config.beta))
     m["completion_length"] = pi.lengths.double().mean().item()
     m["ref_completion_length"] = rf.lengths.double().mean().item()
     m["truncated_fraction"] = pi.truncated.double().mean().item()

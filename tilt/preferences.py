@@ -12,7 +12,9 @@ for a tie. Three come with tilt:
   trainers use ``score_policy >= score_ref``, so the first, on-policy sample wins ties, digest §4(b));
   ``"random"`` flips a fair coin with the generator.
 * ``BradleyTerry(reward, scale)``: A wins with probability sigma(scale * (r(A) - r(B))) (digest §1.4); never a tie
-  (equal rewards give a fair coin). ``scale`` -> infinity recovers the comparison with random ties.
+  (equal rewards give a fair coin). ``scale`` -> infinity recovers the comparison with random ties. Its labels
+  come from a latent reward, so DPO on them has a finite target, pi* ∝ pi_ref exp(scale * r / beta) (class docstring);
+  ``labels_and_rewards`` returns that reward with the labels.
 * ``Judge(fn)``: any user callable ``fn(prompt, a, b)`` returning ``"a"``/``0`` (A preferred), ``"b"``/``1``
   (B preferred) or ``"tie"``/``None``; anything else raises.
 
@@ -62,7 +64,13 @@ class RewardComparison:
 
 
 class BradleyTerry:
-    """A is preferred with probability sigma(scale * (r(A) - r(B))), drawn with the generator."""
+    """A is preferred with probability sigma(scale * (r(A) - r(B))), drawn with the generator.
+
+    Scale convention: the label model is P(A > B) = sigma(s (r(A) - r(B))), s = ``scale``, i.e. the Bradley-Terry
+    reward of digest §1.4 is s * r. DPO's loss -log sigma(beta h) is minimised, over pairs from any full-support
+    sampler, where beta log(pi/pi_ref) = s * r + c(x) (digest §1.4: pi is the Gibbs solution of its implicit reward),
+    so the optimum of DPO, online DPO and XPO on these labels is the tilted target pi* ∝ pi_ref exp(s * r / beta).
+    """
 
     def __init__(self, reward: RewardFn, *, scale: float = 1.0):
         if not scale > 0:
@@ -70,10 +78,16 @@ class BradleyTerry:
         self.reward, self.scale = reward, scale
 
     def __call__(self, prompts, completions_a, completions_b, *, generator: torch.Generator) -> Tensor:
+        return self.labels_and_rewards(prompts, completions_a, completions_b, generator=generator)[0]
+
+    def labels_and_rewards(self, prompts, completions_a, completions_b, *, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """(labels, r(A), r(B)), each (B,) float64: the labels of ``__call__`` (the same draws from ``generator``) and
+        the latent rewards they were drawn from (unscaled r, not s * r), so that a caller need not score twice."""
         r_a = score_rewards(self.reward, prompts, completions_a)
         r_b = score_rewards(self.reward, prompts, completions_b)
         p_a = win_probability(r_a, r_b, scale=self.scale)  # (B,)
-        return (torch.rand(len(p_a), generator=generator, dtype=torch.float64) < p_a).to(torch.float64)
+        labels = (torch.rand(len(p_a), generator=generator, dtype=torch.float64) < p_a).to(torch.float64)
+        return labels, r_a, r_b
 
 
 _A, _B = ("a", 0), ("b", 1)

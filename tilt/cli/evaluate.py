@@ -94,7 +94,8 @@ def add_eval_parser(sub) -> None:
         "with the reward, and print: the mean reward of each, KL(model || reference) estimated from the model's "
         "samples (k1: the summed log-ratio, and k3), and the win rate of the model against the reference (ties count "
         "one half), each with a bootstrap interval. With --best-of N, also best-of-N against best-of-N and "
-        "worst-of-N against worst-of-N. JSON keys are explained in docs/eval_and_sample.md.",
+        "worst-of-N against worst-of-N. With --beta B, also how far the model is from the tilted target "
+        "pi* ∝ ref·exp(reward/B), by importance sampling on its samples. JSON keys are explained in docs/eval_and_sample.md.",
         epilog="Example: tilt eval --model runs/r1/final --ref base_model --prompts heldout.jsonl "
         "--reward rewards.py:positivity --samples 16 --json",
     )
@@ -109,6 +110,9 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--best-of", type=int, default=0, metavar="N", help="also report best-of-N and worst-of-N win rates (K must be a multiple of N)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples per interval (default 1000)")
     p.add_argument("--level", type=float, default=0.95, help="coverage of the intervals (default 0.95)")
+    p.add_argument("--beta", type=float, default=None, metavar="B",
+                   help="also estimate, from the model's samples, how far it is from the tilted target pi* ∝ ref·exp(reward/B): "
+                   "log Z, KL both ways, TV, JS (95%% intervals) and the ESS, the target_* keys the KL-RL recipe logs (default: off)")
     p.add_argument("--record", metavar="RUN_DIR", default=None,
                    help="also append the JSON object to RUN_DIR/evals.jsonl, for `tilt report` (win rate against KL across runs)")
     p.add_argument("--show", type=int, default=3, metavar="M", help="sample pairs printed below the table (default 3; not with --json)")
@@ -123,7 +127,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.record and not Path(args.record).is_dir():  # before any sampling
         raise FileNotFoundError(f"--record: run directory not found: {args.record!r}")
     config = EvalConfig(samples_per_prompt=args.samples, best_of=args.best_of, num_resamples=args.resamples, level=args.level,
-                        batch_size=args.batch_size, seed=args.seed)
+                        batch_size=args.batch_size, seed=args.seed, beta=args.beta)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)  # exact sampling: the KL is of the model itself
     reward_fn = _reward(args.reward, trust_remote_code=args.trust_remote_code)
     policy = _load_policy(args.model, sampling, trust_remote_code=args.trust_remote_code)
@@ -147,6 +151,14 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.best_of:
         rows += [(f"best-of-{args.best_of} win rate", "win_rate_bon"), (f"worst-of-{args.best_of} win rate", "win_rate_won")]
     print(table(["quantity", "estimate", f"{pct} low", f"{pct} high"], [(name, m[k], *m[f"{k}_ci"]) for name, k in rows]))
+    if args.beta is not None:
+        print(f"\ntilted target pi* ∝ ref·exp(reward/{fmt(args.beta)}), importance-sampled from the model's samples "
+              "(95% delta-method intervals; read the ESS first)\n")
+        target_rows = [("log Z (mean over prompts)", "target_log_z"), ("KL(pi* || model)", "target_kl_target_policy"),
+                       ("KL(model || pi*)", "target_kl_policy_target"), ("TV(model, pi*)", "target_tv"), ("JS(model, pi*)", "target_js")]
+        print(table(["quantity", "estimate", "95% low", "95% high"],
+                    [(name, m[k], m[f"{k}_lower"], m[f"{k}_upper"]) for name, k in target_rows]))
+        print(f"ESS {m['target_ess']:.1f} of {m['samples_per_prompt']} samples per prompt ({100 * m['target_ess_fraction']:.0f}%)")
     print(f"\nmean length {m['completion_length']:.1f} tokens (reference {m['ref_completion_length']:.1f}); "
           f"{100 * m['truncated_fraction']:.0f}% hit the length limit (reference {100 * m['ref_truncated_fraction']:.0f}%)")
     for i in range(min(args.show, len(prompts))):

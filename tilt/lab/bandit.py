@@ -26,9 +26,20 @@ generator, so a seed's run does not depend on which other seeds run with it, and
 rewards and random numbers (common random numbers).
 
 Departures and choices: theta is warm-started but Adam's moments restart each round (each round is a fresh
-argmin of a new objective);
+argmin of a new objective; keeping the moments solved the same 33 of seeds 100..139 at K = 10, docs/xpo.md);
 a* is arm 0 (arms are exchangeable); the iterate reported is the last one, plus the best along the way.
 Algorithm 1 returns the best iterate under J_beta [R] (digest §8: whether best or last is unverified).
+
+Why seeds differ (measured, docs/xpo.md). In this class the DPO loss of a pair is -log sigma(theta_+ - theta_-), a
+Bradley-Terry fit of theta, and the bonus is alpha * sum_i (theta_{y~_i} / beta - log Z(theta)) + const, so its gradient
+on theta_a is (alpha / beta) * (count_a - n * pi(a)) / n: it raises arms the reference has not produced (a* among
+them) and arms pi already favours. An XPO seed fails in one of three ways, none a defect of the fit (running
+projected gradient descent to convergence each round, Algorithm 1's argmin, solved the same 33 of seeds 100..139):
+  * a* loses its first comparison (Bradley-Terry, probability sigma(r(b) - R), 5-18%): the fit puts theta_{a*}
+    at 0 and a* is not drawn again;
+  * an arm that has won all its comparisons sits at the box's top with a*, and a* keeps only
+    epsilon (K - 1) / (1 - epsilon) of its mass (1/50 at K = 20); this makes K = 20 need more rounds;
+  * a* is never drawn within T rounds.
 """
 from __future__ import annotations
 

@@ -27,6 +27,15 @@ alpha and beta may be schedules: a tuple gives the value of step 0, 1, ...; the 
 (TRL schedules per epoch; here a step is the unit). Reference log-probs are computed once, when a pair is
 collected, and reused in every re-fit.
 
+Posterior diagnostics: with a Bradley-Terry oracle of scale s (``tilt.preferences.BradleyTerry``, P(A > B) =
+sigma(s (r(A) - r(B)))), the optimum of the objective is pi* ∝ pi_ref exp(s r / beta) (digest §1.4), and each step
+logs the ``target_*`` estimates of ``tilt.math.importance.diagnostics`` (the keys KL-RL logs) against it, with the
+step's beta, from the step's fresh samples of pi_t, before its update (q = pi_t): ``online-dpo`` only, its two responses of each prompt
+(K = 2, so the self-normalised estimates lean toward 0 and the intervals are rough; read the ESS). The rewards are the
+oracle's own, the reference log-probs those of the pair. Not logged: under ``pairs``/``xpo`` (one policy response per
+prompt, and a per-prompt estimate needs two), with samples not from pi itself (temperature, top-k/p), and with other
+oracles (a deterministic comparison or a judge has no finite tilted target).
+
 The recipe sees only the ``Policy`` protocol, so it runs on the tabular lab and on Hugging Face models alike.
 """
 from __future__ import annotations
@@ -38,9 +47,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from tilt.math import importance
 from tilt.math.masking import masked_sum
 from tilt.math.preference import dpo_sigmoid_loss, implicit_reward, ipo_loss, xpo_bonus
-from tilt.preferences import TIE, PreferenceOracle
+from tilt.preferences import TIE, BradleyTerry, PreferenceOracle
 from tilt.recipes.common import build_optimizer, derive_seed, prompt_indices, step_generator, step_prompt_seeds
 from tilt.rollout import Policy, Rollout
 
@@ -110,6 +120,8 @@ class LabelledPairs:
     ref_a: Tensor  # (B,) log pi_ref(A)
     ref_b: Tensor  # (B,) log pi_ref(B)
     b_from_ref: bool  # True when B was drawn from pi_ref (its log-prob carries the XPO bonus)
+    rewards_a: Tensor | None = None  # (B,) latent reward r(A) of a Bradley-Terry oracle (target diagnostics); else None
+    rewards_b: Tensor | None = None  # (B,) r(B), likewise
 
 
 @torch.no_grad()
@@ -127,12 +139,16 @@ def collect_pairs(config: OnlineDPOConfig, policy: Policy, ref: Policy, oracle: 
     else:
         a = policy.sample(prompts, 1, prompt_seeds=prompt_seeds)
         b = ref.sample(prompts, 1, prompt_seeds=[derive_seed(s, "reference") for s in prompt_seeds])
-    labels = oracle(a.prompts, a.completions, b.completions, generator=label_generator).to(torch.float64)
+    rewards_a = rewards_b = None
+    if isinstance(oracle, BradleyTerry):  # the same labels, with the latent rewards they were drawn from
+        labels, rewards_a, rewards_b = oracle.labels_and_rewards(a.prompts, a.completions, b.completions, generator=label_generator)
+    else:
+        labels = oracle(a.prompts, a.completions, b.completions, generator=label_generator).to(torch.float64)
     if labels.shape != (len(a),):
         raise ValueError(f"the oracle returned shape {tuple(labels.shape)} for {len(a)} pairs; it must return one label per pair")
     ref_a = masked_sum(ref.token_logprobs(a), a.completion_mask)
     ref_b = masked_sum(ref.token_logprobs(b), b.completion_mask)
-    return LabelledPairs(a, b, labels, ref_a, ref_b, b_from_ref=config.scheme != "online-dpo")
+    return LabelledPairs(a, b, labels, ref_a, ref_b, b_from_ref=config.scheme != "online-dpo", rewards_a=rewards_a, rewards_b=rewards_b)
 
 
 def pair_losses(config: OnlineDPOConfig, policy: Policy, pairs: LabelledPairs, *, alpha: float, beta: float) -> tuple[Tensor, dict[str, Tensor]]:
@@ -187,6 +203,21 @@ def kl_ref_estimate(pairs: LabelledPairs) -> float:
     if not pairs.a.sampled_from_policy:
         return float("nan")
     return (masked_sum(pairs.a.sample_token_logprobs, pairs.a.completion_mask) - pairs.ref_a).mean().item()
+
+
+def target_diagnostics(pairs: LabelledPairs, *, scale: float, beta: float) -> dict[str, float]:
+    """``target_*`` estimates (``tilt.math.importance.diagnostics``) of pi_t against pi* ∝ pi_ref exp(scale * r / beta),
+    from the two policy responses of each prompt (q = pi_t): log P = log pi_ref + scale * r / beta, grouped (P, 2).
+    Empty when the target or the samples do not allow it (module docstring): B from pi_ref, no latent rewards, or
+    samples not from pi_t itself."""
+    if pairs.b_from_ref or pairs.rewards_a is None or not (pairs.a.sampled_from_policy and pairs.b.sampled_from_policy):
+        return {}
+    log_pi = torch.stack([masked_sum(pairs.a.sample_token_logprobs, pairs.a.completion_mask),
+                          masked_sum(pairs.b.sample_token_logprobs, pairs.b.completion_mask)], -1).double()  # (P, 2)
+    ref = torch.stack([pairs.ref_a, pairs.ref_b], -1).double()  # (P, 2)
+    rewards = torch.stack([pairs.rewards_a, pairs.rewards_b], -1).to(ref)  # (P, 2)
+    diag = importance.diagnostics(ref + scale * rewards / beta, log_pi, log_pi)
+    return {f"target_{name}": value for name, value in diag.items()}
 
 
 def train(
@@ -246,6 +277,8 @@ def train(
             tie_fraction=(labels == TIE).to(torch.float64).mean().item(),
             kl_ref=kl_ref_estimate(pairs),
         )
+        if isinstance(oracle, BradleyTerry):
+            metrics.update(target_diagnostics(pairs, scale=oracle.scale, beta=beta))
         if on_step is not None:
             on_step(step, metrics)
     return optimizer
