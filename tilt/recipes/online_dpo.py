@@ -30,10 +30,13 @@ collected, and reused in every re-fit.
 Posterior diagnostics: with a Bradley-Terry oracle of scale s (``tilt.preferences.BradleyTerry``, P(A > B) =
 sigma(s (r(A) - r(B)))), the optimum of the objective is pi* ∝ pi_ref exp(s r / beta) (digest §1.4), and each step
 logs the ``target_*`` estimates of ``tilt.math.importance.diagnostics`` (the keys KL-RL logs) against it, with the
-step's beta, from the step's fresh samples of pi_t, before its update (q = pi_t): ``online-dpo`` only, its two responses of each prompt
-(K = 2, so the self-normalised estimates lean toward 0 and the intervals are rough; read the ESS). The rewards are the
-oracle's own, the reference log-probs those of the pair. Not logged: under ``pairs``/``xpo`` (one policy response per
-prompt, and a per-prompt estimate needs two), with samples not from pi itself (temperature, top-k/p), and with other
+step's beta, from the step's fresh pairs, with the policy's log-probs from before its update, K = 2 per prompt (so
+the self-normalised estimates are rough; read the ESS). ``online-dpo``: both responses are from pi_t, q = pi_t.
+``pairs``/``xpo``: A ~ pi_t and B ~ pi_ref are one stratified draw from the mixture q = (pi_t + pi_ref)/2, and both
+are weighted by it (multiple importance sampling with the balance heuristic, Veach & Guibas 1995): log q(y) =
+logaddexp(log pi_t(y), log pi_ref(y)) - log 2, so Z-hat = [P(A)/q(A) + P(B)/q(B)]/2 is unbiased, E = ∫ q P/q = Z.
+The rewards are the oracle's own, the reference log-probs those of the pair, log pi_t(B) the loss's own (before the
+step's update). Not logged with samples not from the sampler's model itself (temperature, top-k/p), and with other
 oracles (a deterministic comparison or a judge has no finite tilted target).
 
 The recipe sees only the ``Policy`` protocol, so it runs on the tabular lab and on Hugging Face models alike.
@@ -173,8 +176,12 @@ def pair_losses(config: OnlineDPOConfig, policy: Policy, pairs: LabelledPairs, *
     return preference + bonus, parts
 
 
-def refit(config: OnlineDPOConfig, policy: Policy, data: Sequence[LabelledPairs], optimizer: torch.optim.Optimizer, *, alpha: float, beta: float) -> dict[str, float]:
-    """One gradient step on the mean per-pair loss over ``data`` (each stored batch is one micro-batch)."""
+def refit(config: OnlineDPOConfig, policy: Policy, data: Sequence[LabelledPairs], optimizer: torch.optim.Optimizer, *, alpha: float,
+          beta: float) -> tuple[dict[str, float], Tensor]:
+    """One gradient step on the mean per-pair loss over ``data`` (each stored batch is one micro-batch).
+
+    Returns the metrics and (B,) log pi(y~) of the last batch's reference samples (the fresh pairs, in both regimes),
+    detached, as the loss computed it before this gradient step (NaN under ``online-dpo``): the target diagnostics'."""
     n = sum(len(p.a) for p in data)
     optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {}
@@ -194,7 +201,7 @@ def refit(config: OnlineDPOConfig, policy: Policy, data: Sequence[LabelledPairs]
         "preference_loss": sums["preference_loss"] / decided,
         "bonus": sums["bonus"] / n,
         "reward_margin": (sums["chosen_reward"] - sums["rejected_reward"]) / n,
-    }
+    }, parts["ref_sample_logprob"]
 
 
 def kl_ref_estimate(pairs: LabelledPairs) -> float:
@@ -205,18 +212,33 @@ def kl_ref_estimate(pairs: LabelledPairs) -> float:
     return (masked_sum(pairs.a.sample_token_logprobs, pairs.a.completion_mask) - pairs.ref_a).mean().item()
 
 
-def target_diagnostics(pairs: LabelledPairs, *, scale: float, beta: float) -> dict[str, float]:
+def target_diagnostics(pairs: LabelledPairs, *, scale: float, beta: float, ref_sample_logprob: Tensor | None = None) -> dict[str, float]:
     """``target_*`` estimates (``tilt.math.importance.diagnostics``) of pi_t against pi* ∝ pi_ref exp(scale * r / beta),
-    from the two policy responses of each prompt (q = pi_t): log P = log pi_ref + scale * r / beta, grouped (P, 2).
-    Empty when the target or the samples do not allow it (module docstring): B from pi_ref, no latent rewards, or
-    samples not from pi_t itself."""
-    if pairs.b_from_ref or pairs.rewards_a is None or not (pairs.a.sampled_from_policy and pairs.b.sampled_from_policy):
+    from each prompt's two responses, grouped (P, 2): log P = log pi_ref + scale * r / beta, policy log-prob log pi_t.
+
+    Proposal log q: ``online-dpo``, log pi_t (both responses ~ pi_t). B from pi_ref (``pairs``/``xpo``): the balance
+    heuristic's mixture, log q = logaddexp(log pi_t, log pi_ref) - log 2, for A and B alike, with log pi_t(B) given
+    as ``ref_sample_logprob`` (P,) (the loss's, before the update). The two responses are a stratified draw from q
+    (one from each component), not two i.i.d. ones: every per-sample mean stays unbiased for its expectation under q
+    (so Z-hat for Z) and the self-normalised ratios keep their usual O(1/K) bias; the standard errors are the i.i.d.
+    ones, which on average over-state the variance of a stratified mean (they also count the components' spread).
+    Empty when the target or the samples do not allow it (module docstring): no latent rewards, or samples not from
+    their sampler's model itself."""
+    if pairs.rewards_a is None or not (pairs.a.sampled_from_policy and pairs.b.sampled_from_policy):
         return {}
-    log_pi = torch.stack([masked_sum(pairs.a.sample_token_logprobs, pairs.a.completion_mask),
-                          masked_sum(pairs.b.sample_token_logprobs, pairs.b.completion_mask)], -1).double()  # (P, 2)
+    log_pi_a = masked_sum(pairs.a.sample_token_logprobs, pairs.a.completion_mask)  # (P,) drawn by pi_t
+    if pairs.b_from_ref:
+        if ref_sample_logprob is None or ref_sample_logprob.shape != pairs.ref_b.shape:
+            raise ValueError(f"B is from pi_ref: ref_sample_logprob must be log pi_t(B), shape {tuple(pairs.ref_b.shape)}; "
+                             f"got {None if ref_sample_logprob is None else tuple(ref_sample_logprob.shape)}")
+        log_pi_b = ref_sample_logprob.detach()
+    else:
+        log_pi_b = masked_sum(pairs.b.sample_token_logprobs, pairs.b.completion_mask)
+    log_pi = torch.stack([log_pi_a, log_pi_b], -1).double()  # (P, 2)
     ref = torch.stack([pairs.ref_a, pairs.ref_b], -1).double()  # (P, 2)
     rewards = torch.stack([pairs.rewards_a, pairs.rewards_b], -1).to(ref)  # (P, 2)
-    diag = importance.diagnostics(ref + scale * rewards / beta, log_pi, log_pi)
+    log_q = torch.logaddexp(log_pi, ref) - math.log(2) if pairs.b_from_ref else log_pi  # (P, 2)
+    diag = importance.diagnostics(ref + scale * rewards / beta, log_q, log_pi)
     return {f"target_{name}": value for name, value in diag.items()}
 
 
@@ -264,8 +286,10 @@ def train(
             data = stored
         else:
             data = [pairs]
-        for _ in range(config.refit_steps):
-            metrics = refit(config, policy, data, optimizer, alpha=alpha, beta=beta)
+        for i in range(config.refit_steps):
+            metrics, ref_sample_logprob = refit(config, policy, data, optimizer, alpha=alpha, beta=beta)
+            if i == 0:
+                fresh_ref_sample_logprob = ref_sample_logprob  # (P,) log pi_t(y~) before the step's update
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"step {step}: the loss is {metrics['loss']}; lower the learning rate")
         labels = pairs.a_preferred
@@ -278,7 +302,7 @@ def train(
             kl_ref=kl_ref_estimate(pairs),
         )
         if isinstance(oracle, BradleyTerry):
-            metrics.update(target_diagnostics(pairs, scale=oracle.scale, beta=beta))
+            metrics.update(target_diagnostics(pairs, scale=oracle.scale, beta=beta, ref_sample_logprob=fresh_ref_sample_logprob))
         if on_step is not None:
             on_step(step, metrics)
     return optimizer
