@@ -290,11 +290,10 @@ def load_or_build_calibration(
 ) -> CalibrationSet:
     """The cached calibration at ``path`` if it was built with the same fingerprint (name the reference and the
     reward in it), m, seed and prompts; otherwise build it and write it there."""
-    want = {"samples_per_prompt": samples_per_prompt, "seed": seed, **fingerprint}
     path = Path(path)
     if path.exists():
         cached = CalibrationSet.load(path)
-        if cached.fingerprint == want and [prompt_key(p) for p in cached.prompts] == [prompt_key(p) for p in prompts]:
+        if calibration_matches(cached, prompts, samples_per_prompt, seed=seed, fingerprint=fingerprint):
             return cached
     built = build_calibration(ref, reward_fn, prompts, samples_per_prompt, seed=seed, fingerprint=fingerprint)
     built.save(path)
@@ -311,11 +310,15 @@ class CalibratedReward:
         self.calibration = calibration
         self.transform = transform
 
-    def calibrated(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> Tensor:
-        """(B,) C(x, y) of each completion, before the transform."""
+    def raw_and_calibrated(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> tuple[Tensor, Tensor]:
+        """(B,) the raw reward r and (B,) C(x, y) of each completion, before the transform."""
         raw = score_rewards(self.reward_fn, prompts, completions, **columns)  # (B,)
         refs = self.calibration.rows(prompts)  # (B, m)
-        return calibrated_reward(raw.unsqueeze(-1), refs).squeeze(-1)
+        return raw, calibrated_reward(raw.unsqueeze(-1), refs).squeeze(-1)
+
+    def calibrated(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> Tensor:
+        """(B,) C(x, y) of each completion, before the transform."""
+        return self.raw_and_calibrated(prompts, completions, **columns)[1]
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> Tensor:
         return self.transform(self.calibrated(prompts, completions, **columns))
@@ -423,8 +426,7 @@ class LoggedCalibratedReward(CalibratedReward):
         self._sums = [0.0, 0.0, 0]
 
     def calibrated(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> Tensor:
-        raw = score_rewards(self.reward_fn, prompts, completions, **columns)  # (B,)
-        c = calibrated_reward(raw.unsqueeze(-1), self.calibration.rows(prompts)).squeeze(-1)  # (B,)
+        raw, c = self.raw_and_calibrated(prompts, completions, **columns)  # (B,), (B,)
         self._sums = [self._sums[0] + raw.sum().item(), self._sums[1] + c.sum().item(), self._sums[2] + raw.numel()]
         return c
 
