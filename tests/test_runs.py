@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from tilt import runs
+from tilt.runs import directory as runs
 from tilt.cli.train import EXIT_FAILED, EXIT_SIGNAL, main
 
 REWARD_PY = '''

@@ -13,7 +13,8 @@ from statistics import NormalDist
 import pytest
 import yaml
 
-from tilt import infalign, runs
+from tilt import infalign
+from tilt.runs import directory as runs
 from tilt.cli.train import main, resolve
 from tilt.recipes import kl_rl
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from tilt import runs
+from tilt.runs import directory as runs
 from tilt.cli.train_preference import main
 
 VOWELS, CONSONANTS = "aeiou", "bcdfgklmnprst"

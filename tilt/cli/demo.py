@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tilt import runs
+from tilt.runs import directory as runs
 from tilt.cli.output import table
 from tilt.engine.hf import HFPolicy, SamplingConfig
 from tilt.engine.loading import load_model_and_tokenizer

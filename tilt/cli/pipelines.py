@@ -112,7 +112,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
     from transformers.utils import logging as hf_logging
 
-    from tilt import runs
+    from tilt.runs import directory as runs
     from tilt.cli.train import load_yaml
     from tilt.pipelines.demo_rl import run_demo_rl, run_demo_rlhf
 

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from tilt import runs
+from tilt.runs import directory as runs
 from tilt.cli.output import run_parsed
 
 EXIT_SIGNAL = {signal.SIGTERM: 143, signal.SIGINT: 130}

@@ -31,7 +31,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from tilt import runs
+from tilt.runs import directory as runs
 from tilt.cli.train import EXIT_FAILED, EXIT_SIGNAL, Stop, _coerce, load_yaml
 from tilt.cli.output import run_parsed
 

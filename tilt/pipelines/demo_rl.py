@@ -26,7 +26,7 @@ stage RUN/stages/<stage>/, written whole into a temporary sibling folder and ren
 holding the stage's from_pretrained model and tokenizer (``preferences`` holds pairs.jsonl instead), its per-step
 metrics.jsonl, and ``stage.json``: the stage's summary metrics. A stage whose folder exists is complete and is
 skipped on a rerun. While a stage trains, RUN/work/<stage>/ holds its metrics and its checkpoints
-(``tilt.runs.save_checkpoint``, every ``checkpoint_every`` steps); a rerun resumes the stage from the newest one
+(``tilt.runs.directory.save_checkpoint``, every ``checkpoint_every`` steps); a rerun resumes the stage from the newest one
 and, on CPU, reproduces the uninterrupted run (every recipe draws its batches and samples as pure functions of the
 step). The RL stage's folder is the trained policy.
 """
@@ -42,7 +42,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from tilt import runs
+from tilt.runs import directory as runs
 from tilt.engine.hf import SamplingConfig
 from tilt.evaluation import EvalConfig
 from tilt.recipes.bc import BCConfig
