@@ -54,8 +54,9 @@ WORK = "work"
 MARKER = "stage.json"
 ORACLES = ("bradley_terry", "comparison")
 
-Hook = Callable[[str, int, dict], None]
-"""``hook(stage, step, metrics)``, called after every training step of every stage (step = updates done)."""
+Hook = Callable[[str, int, dict], Any]
+"""``hook(stage, step, metrics)``, called after every training step of every stage (step = updates done); a true
+return value stops the run there: the stage saves a checkpoint and ``tilt.runs.loop.Stop(step)`` is raised."""
 
 
 # --- configs ---------------------------------------------------------------------------------------------------------
@@ -179,11 +180,11 @@ def read_stage(run_dir: str | Path, stage: str) -> dict | None:
     return json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
 
 
-def open_run(run_dir: str | Path, config: DemoRLConfig) -> Path:
+def open_run(run_dir: str | Path, config: DemoRLConfig, saved_config: Mapping[str, Any] | None = None) -> Path:
     """Create RUN with its config.yaml, or reopen it when it holds the same config (a rerun); another config is an
     error, since the completed stages would then belong to a different run."""
     run = Path(run_dir)
-    wanted = config_to_dict(config)
+    wanted = dict(saved_config) if saved_config is not None else config_to_dict(config)
     if (run / "config.yaml").is_file():
         saved = runs.read_config(run)
         if saved != json.loads(json.dumps(wanted)):
@@ -235,8 +236,11 @@ def _step_logger(work: Path, stage: str, total: int, every: int, save: Callable[
         runs.append_jsonl(work / "metrics.jsonl", {"step": done, **metrics})
         if every and done % every == 0 and done < total:
             save(done)
-        if hook is not None:
-            hook(stage, done, metrics)
+        if hook is not None and hook(stage, done, metrics) and done < total:  # asked to stop: checkpoint first
+            from tilt.runs.loop import Stop
+
+            save(done)
+            raise Stop(done)
     return on_step
 
 
@@ -506,7 +510,8 @@ def _run_stage(run: Path, stage: str, skipped: list, fn: Callable[[], dict]) -> 
     return fn()
 
 
-def run_demo_rl(config: DemoRLConfig, run_dir: str | Path, *, hook: Hook | None = None) -> dict:
+def run_demo_rl(config: DemoRLConfig, run_dir: str | Path, *, hook: Hook | None = None,
+                saved_config: Mapping[str, Any] | None = None) -> dict:
     """Clone the demonstrations, then KL-regularised RL toward the clone; see the module docstring.
 
     ``run_dir`` is created, or reopened when it holds the same config: completed stages are skipped and a stage
@@ -516,17 +521,18 @@ def run_demo_rl(config: DemoRLConfig, run_dir: str | Path, *, hook: Hook | None 
 
     if isinstance(config, DemoRLHFConfig):
         raise TypeError("this is a demo-rlhf config: call run_demo_rlhf")
-    run = open_run(run_dir, config)
-    tokenizer, demo_rows = _demo_rows(config)
+    tokenizer, demo_rows = _demo_rows(config)  # every input is checked before the run directory is made
     prompts = _rl_prompts(config, tokenizer, demo_rows)
     reward_fn = reward_from_specs(list(config.reward))
+    run = open_run(run_dir, config, saved_config)
     skipped, stages = [], {}
     stages["bc"] = _run_stage(run, "bc", skipped, lambda: _stage_bc(config, run, demo_rows, hook))
     stages["rl"] = _run_stage(run, "rl", skipped, lambda: _stage_rl(config, run, prompts, reward_fn, hook))
     return {"run_dir": str(run), "pipeline": "demo-rl", "stages": stages, "skipped": skipped}
 
 
-def run_demo_rlhf(config: DemoRLHFConfig, run_dir: str | Path, *, hook: Hook | None = None) -> dict:
+def run_demo_rlhf(config: DemoRLHFConfig, run_dir: str | Path, *, hook: Hook | None = None,
+                  saved_config: Mapping[str, Any] | None = None) -> dict:
     """Clone; preference pairs on clone samples labelled by the oracle (from ``config.reward``); a Bradley-Terry
     reward model; KL-regularised RL toward the clone with that reward. The RL stage reports the learned reward and
     the oracle's (``oracle_reward``) before and after. Resumable like ``run_demo_rl``."""
@@ -534,9 +540,10 @@ def run_demo_rlhf(config: DemoRLHFConfig, run_dir: str | Path, *, hook: Hook | N
 
     if not isinstance(config, DemoRLHFConfig):
         raise TypeError("run_demo_rlhf needs a DemoRLHFConfig")
-    run = open_run(run_dir, config)
-    tokenizer, demo_rows = _demo_rows(config)
+    tokenizer, demo_rows = _demo_rows(config)  # every input is checked before the run directory is made
     prompts = _rl_prompts(config, tokenizer, demo_rows)
+    reward_from_specs(list(config.reward))
+    run = open_run(run_dir, config, saved_config)
     skipped, stages = [], {}
     stages["bc"] = _run_stage(run, "bc", skipped, lambda: _stage_bc(config, run, demo_rows, hook))
     stages["preferences"] = _run_stage(run, "preferences", skipped, lambda: _stage_preferences(config, run, prompts))
@@ -545,3 +552,50 @@ def run_demo_rlhf(config: DemoRLHFConfig, run_dir: str | Path, *, hook: Hook | N
     stages["rl"] = _run_stage(run, "rl", skipped, lambda: _stage_rl(
         config, run, prompts, load_reward_model(stage_dir(run, "reward_model")), hook, oracle_reward=oracle))
     return {"run_dir": str(run), "pipeline": "demo-rlhf", "stages": stages, "skipped": skipped}
+
+
+# --- the command (tilt train demo-rl | demo-rlhf) ---------------------------------------------------------------------
+def config_from_sections(command: str, config: Mapping[str, Any], sections: Mapping[str, Any]) -> DemoRLConfig:
+    """The pipeline config of a resolved ``tilt train demo-rl | demo-rlhf`` config (tilt.runs.config): the run
+    section's model, demonstrations, reward, prompts and checkpoint cadence, the pipeline's own section, and the
+    stage sections."""
+    run = sections["run"]
+    run.require(command, ("model", "demonstrations", "reward"))
+    own = dict(config[command.replace("-", "_")])
+    kwargs: dict[str, Any] = dict(model=run.model, demonstrations=run.demonstrations, reward=tuple(run.reward),
+                                  prompts=run.prompts, checkpoint_every=run.checkpoint_every, **own)
+    for name in SECTIONS:
+        if name in sections:
+            kwargs[name] = sections[name]
+    return PIPELINES[command](**kwargs)
+
+
+def run_pipeline_command(config: Mapping[str, Any], sections: Mapping[str, Any], run_dir: str | Path, *, resume: bool,
+                         signals) -> dict | int:
+    """Run ``tilt train demo-rl | demo-rlhf``: the summary (every stage's stage.json), or the exit code of a run
+    stopped by a signal (143/130, after a checkpoint) or failed during training (1, RUN/FAILED)."""
+    import sys
+
+    from tilt.runs.loop import EXIT_FAILED, Stop, resume_command
+
+    command = config["recipe"]
+    pipeline_config = config_from_sections(command, config, sections)
+    run = Path(run_dir)
+    if resume and not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run} is not a run directory (no config.yaml)")
+    fn = run_demo_rlhf if command == "demo-rlhf" else run_demo_rl
+    try:
+        return fn(pipeline_config, run, hook=lambda stage, step, metrics: signals.received is not None,
+                  saved_config=config)
+    except Stop as stop:
+        print(f"# stopped by {signals.name} at step {stop.args[0]} of a stage; checkpoint saved\n"
+              f"# continue with: {resume_command(command, run)}", file=sys.stderr, flush=True)
+        return signals.exit_code
+    except Exception as exc:  # noqa: BLE001 - after the run directory exists, an error marks the run failed
+        if not (run / "config.yaml").is_file():
+            raise  # bad input, found before anything was written
+        message = f"{type(exc).__name__}: {exc}"
+        runs.mark_failed(run, message)
+        print(f"tilt: error: {message}\n# the run {run} is marked failed ({run / runs.FAILED}); fix the cause, then: "
+              f"{resume_command(command, run)}", file=sys.stderr, flush=True)
+        return EXIT_FAILED

@@ -135,6 +135,11 @@ def demonstration_nll(config: BCConfig, policy: Policy, demos: Rollout) -> float
     return total / max(tokens, 1)
 
 
+def num_steps(config: BCConfig) -> int:
+    """How many optimisation steps ``train`` takes: ``config.steps``."""
+    return config.steps
+
+
 def train(
     config: BCConfig,
     policy: Policy,

@@ -89,6 +89,11 @@ def reference_logprobs(ref: Policy, pairs: PreferencePairs, micro_batch_size: in
     return out[0], out[1]
 
 
+def num_steps(config: DPOConfig, num_pairs: int) -> int:
+    """How many optimisation steps ``train`` takes on ``num_pairs`` pairs: ceil(epochs * pairs / pairs_per_step)."""
+    return math.ceil(config.epochs * num_pairs / config.pairs_per_step)
+
+
 def train(
     config: DPOConfig,
     policy: Policy,
@@ -116,7 +121,7 @@ def train(
     ref_chosen, ref_rejected = ref_logprobs if ref_logprobs is not None else reference_logprobs(ref, pairs, config.micro_batch_size)
     optimizer = optimizer or build_optimizer(config.optimizer, policy.parameters(), config.lr)
     loss_fn = LOSSES[config.loss_type]
-    steps = math.ceil(config.epochs * n / config.pairs_per_step)
+    steps = num_steps(config, n)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for step in range(start_step, steps):
         step_pairs = prompt_indices(n, step, config.pairs_per_step, config.seed)  # epochs of a seeded permutation

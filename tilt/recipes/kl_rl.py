@@ -193,6 +193,11 @@ def kl_rl_step(
     }
 
 
+def num_steps(config: KLRLConfig) -> int:
+    """How many optimisation steps ``train`` takes: ``config.steps``."""
+    return config.steps
+
+
 def train(
     config: KLRLConfig,
     policy: Policy,

@@ -242,6 +242,11 @@ def target_diagnostics(pairs: LabelledPairs, *, scale: float, beta: float, ref_s
     return {f"target_{name}": value for name, value in diag.items()}
 
 
+def num_steps(config: OnlineDPOConfig) -> int:
+    """How many optimisation steps ``train`` takes: ``config.steps``."""
+    return config.steps
+
+
 def train(
     config: OnlineDPOConfig,
     policy: Policy,

@@ -59,6 +59,11 @@ def accuracy(reward: SequenceClassifierReward, pairs: Sequence[Mapping[str, str]
     return total / len(pairs)
 
 
+def num_steps(config: RewardModelConfig, num_pairs: int) -> int:
+    """How many optimisation steps ``train`` takes on ``num_pairs`` training pairs (at least 1)."""
+    return max(1, math.ceil(config.epochs * num_pairs / config.pairs_per_step))
+
+
 def train(
     config: RewardModelConfig,
     reward: SequenceClassifierReward,
@@ -71,7 +76,7 @@ def train(
     """Fit ``reward`` (its model trains in place) to the pairs' labels by the Bradley-Terry likelihood."""
     if len(pairs) == 0:
         raise ValueError("no preference pairs to train on")
-    steps = max(1, math.ceil(config.epochs * len(pairs) / config.pairs_per_step))
+    steps = num_steps(config, len(pairs))
     optimizer = optimizer or build_optimizer("adamw", reward.model.parameters(), config.lr)
     reward.model.train()
     for step in range(start_step, steps):
