@@ -46,3 +46,13 @@ def tiny_llama(vocab_size: int, *, hidden_size: int = 64, layers: int = 2, heads
                          num_key_value_heads=heads, intermediate_size=intermediate_size, max_position_embeddings=max_positions,
                          bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, tie_word_embeddings=True)
     return LlamaForCausalLM(config).eval()
+
+
+if __name__ == "__main__":  # python -m tilt.engine.tiny FOLDER: a tiny GPT-2 with its character tokenizer, for examples/
+    import sys
+
+    folder = sys.argv[1] if len(sys.argv) > 1 else "tiny-model"
+    tokenizer = char_tokenizer()
+    tiny_gpt2(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    print(f"wrote {folder}/ (a tiny random GPT-2 and its character tokenizer)")

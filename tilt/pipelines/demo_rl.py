@@ -561,7 +561,7 @@ def config_from_sections(command: str, config: Mapping[str, Any], sections: Mapp
     stage sections."""
     run = sections["run"]
     run.require(command, ("model", "demonstrations", "reward"))
-    own = dict(config[command.replace("-", "_")])
+    own = dict(config["pipeline"])
     kwargs: dict[str, Any] = dict(model=run.model, demonstrations=run.demonstrations, reward=tuple(run.reward),
                                   prompts=run.prompts, checkpoint_every=run.checkpoint_every, **own)
     for name in SECTIONS:
