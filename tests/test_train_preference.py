@@ -17,7 +17,11 @@ import torch
 import yaml
 
 from tilt.runs import directory as runs
-from tilt.cli.train_preference import main
+from tilt.cli import main as tilt_main
+
+
+def main(argv: list[str]) -> int:
+    return tilt_main(["train", *argv])
 
 VOWELS, CONSONANTS = "aeiou", "bcdfgklmnprst"
 
@@ -74,14 +78,14 @@ def dpo_run(world):
 
 
 def test_dpo_runs_from_yaml_with_an_override_and_raises_the_margin_of_its_pairs(world, dpo_run):
-    from tilt.cli.train_preference import pair_margins, preference_pairs
+    from tilt.runs.commands import pair_margins, preference_pairs
     from tilt.data import DataConfig, load_data
     from tilt.engine.hf import HFPolicy
     from tilt.engine.loading import load_model, load_tokenizer
     from tilt.recipes.dpo import reference_logprobs
 
     config = yaml.safe_load((dpo_run / "config.yaml").read_text())
-    assert config["recipe"] == "dpo" and config["epochs"] == 2 and config["ref"] == str(world / "model")
+    assert config["recipe"] == "dpo" and config["dpo"]["epochs"] == 2 and config["run"]["ref"] == str(world / "model")
     _check_run_dir(dpo_run, 8)  # 2 * 40 / 10 steps
     # The margin measured independently: the trained policy against the initial model, on every pair.
     tok = load_tokenizer(str(world / "model"))
@@ -109,6 +113,10 @@ def test_dpo_resumes_from_its_checkpoint_and_writes_the_same_metrics(world, dpo_
     assert [r["step"] for r in resumed] == [r["step"] for r in full]
     for a, b in zip(full, resumed):
         assert b == pytest.approx(a, rel=1e-5, abs=1e-7)
+    # the summary of the resumed run is the uninterrupted run's, "before" metrics included (of the initial model)
+    whole, after_resume = _summary(dpo_run), _summary(run)
+    assert after_resume.keys() == whole.keys() and after_resume["reward_margin_before"] == 0.0
+    assert after_resume == pytest.approx(whole, rel=1e-5, abs=1e-7)
 
 
 @pytest.mark.parametrize("command,extra", [("online-dpo", []), ("xpo", ["--alpha", "0.001"])])
@@ -121,7 +129,8 @@ def test_online_dpo_and_xpo_raise_the_win_rate_against_the_reference(world, comm
     run = world / "runs" / command
     assert main([command, "--config", str(world / "online.yaml"), "--run-dir", str(run), *extra]) == 0
     config = yaml.safe_load((run / "config.yaml").read_text())
-    assert config["scheme"] == command and config["alpha"] == (0.001 if command == "xpo" else 0.0)
+    section = command.replace("-", "_")
+    assert config[section]["scheme"] == command and config[section]["alpha"] == (0.001 if command == "xpo" else 0.0)
     rows = _check_run_dir(run, 30)
     assert {"loss", "preference_loss", "bonus", "policy_sample_win_rate", "kl_ref"} <= set(rows[0])
     assert (rows[-1]["bonus"] != 0) == (command == "xpo")
@@ -158,7 +167,7 @@ def test_online_dpo_and_xpo_stopped_by_sigterm_resume_to_the_uninterrupted_run(w
     metrics, samples, summary and final weights of the uninterrupted run, exactly (CPU)."""
     from safetensors.torch import load_file
 
-    from tilt.cli.train import EXIT_SIGNAL
+    from tilt.runs.loop import EXIT_SIGNAL
 
     reward = tmp_path / "reward.py"
     reward.write_text(STOPPING_REWARD)
@@ -175,8 +184,8 @@ def test_online_dpo_and_xpo_stopped_by_sigterm_resume_to_the_uninterrupted_run(w
     assert state["extra"]["recipe"] == command
     assert len(state["extra"].get("stored_pairs", {"rows": []})["rows"]) == (4 if "cumulative" in extra else 0)
     monkeypatch.delenv("STOP_AT_REWARD_CALL")
-    assert main([command, "--resume", str(run), "--steps", "9"]) == 2  # the run's recipe cannot change
-    assert "cannot change steps" in capsys.readouterr().err
+    assert main([command, "--resume", str(run), "--beta", "0.5"]) == 2  # the run's recipe cannot change
+    assert f"cannot change {command.replace('-', '_')}.beta" in capsys.readouterr().err
     assert main([command, "--resume", str(run)]) == 0
     for name in ("metrics.jsonl", "samples.jsonl"):
         assert runs.read_jsonl(run / name) == runs.read_jsonl(whole / name), name
@@ -193,7 +202,7 @@ def test_the_reward_model_ranks_held_out_pairs_far_above_chance_and_is_a_reward_
 
     run = world / "runs" / "rm"
     assert main(["reward-model", "--config", str(world / "rm.yaml"), "--run-dir", str(run), "--epochs", "2"]) == 0
-    assert yaml.safe_load((run / "config.yaml").read_text())["epochs"] == 2.0
+    assert yaml.safe_load((run / "config.yaml").read_text())["reward_model"]["epochs"] == 2.0
     rows = _check_run_dir(run, 10)  # ceil(2 * 30 / 6)
     summary = _summary(run)
     assert summary["train_pairs"] == 30 and summary["held_out_pairs"] == 10
@@ -211,7 +220,9 @@ def test_the_reward_model_ranks_held_out_pairs_far_above_chance_and_is_a_reward_
     ("online-dpo", ["--alpha", "0.1"], "alpha is XPO's bonus"),
     ("online-dpo", ["--scheme", "xpo"], "use tilt train xpo"),
     ("xpo", ["--reward", "nosuchreward"], "nosuchreward"),
-    ("xpo", ["--oracle", "judge"], "oracle must be one of comparison, bradley-terry"),
+    ("xpo", ["--oracle", "judge"], "labels.oracle must be one of comparison, bradley-terry"),
+    ("xpo", ["--prompts", ""], "tilt train xpo needs run.prompts"),
+    ("dpo", ["--device", "tpu"], "run.device must be one of auto, cpu, cuda"),
     ("xpo", ["--alpha", "big"], "alpha must be a number"),
     ("reward-model", ["--held-out", "1.5"], "held_out must be in [0, 1)"),
 ])
@@ -229,18 +240,16 @@ def test_unknown_keys_and_a_config_for_another_recipe_are_named(world, tmp_path,
     bad.write_text(yaml.safe_dump({**yaml.safe_load((world / "dpo.yaml").read_text()), "bta": 0.1}))
     assert main(["dpo", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert "unknown config key 'bta'" in err and "beta" in err
+    assert "unknown config key 'bta'; did you mean 'beta'?" in err
     assert main(["reward-model", "--config", str(world / "dpo.yaml")]) == 2
-    assert "for recipe 'dpo', not 'reward-model'" in capsys.readouterr().err
+    assert "the config is for 'dpo', not tilt train reward-model" in capsys.readouterr().err
 
 
 def test_alpha_and_beta_take_a_schedule_from_yaml_or_the_command_line():
-    from tilt.cli.train_preference import resolve
+    from tilt.runs.config import parse_flags, resolve
 
-    base = {"model": "m", "prompts": "p", "reward": "length"}
-    assert resolve("xpo", {**base, "alpha": [0.1, 0.01]}, {})["alpha"] == [0.1, 0.01]
-    out = resolve("xpo", base, {"alpha": "0.1,0.05", "beta": "0.2"})
+    base = {"run": {"model": "m", "prompts": "p", "reward": "length"}}
+    assert resolve("xpo", {**base, "alpha": [0.1, 0.01]})["xpo"]["alpha"] == [0.1, 0.01]
+    out = resolve("xpo", base, parse_flags("xpo", ["--alpha", "0.1,0.05", "--beta", "0.2"]))["xpo"]
     assert out["alpha"] == [0.1, 0.05] and out["beta"] == 0.2 and out["scheme"] == "xpo"
-    assert resolve("online-dpo", base, {})["alpha"] == 0.0
-    with pytest.raises(ValueError, match="must set reward"):
-        resolve("xpo", {"model": "m", "prompts": "p"}, {})
+    assert resolve("online-dpo", base)["online_dpo"]["alpha"] == 0.0
