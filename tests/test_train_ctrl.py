@@ -15,7 +15,7 @@ import yaml
 
 from tilt import infalign
 from tilt.runs import directory as runs
-from tilt.cli.train import main, resolve
+from tilt.cli import main
 from tilt.recipes import kl_rl
 
 PROMPTS = ["the cat", "once upon", "my food is", "today we", "the cat"]  # a repeat is calibrated once
@@ -139,7 +139,7 @@ def test_a_cache_is_reused_for_the_same_settings_and_rebuilt_for_others(world, t
     first = cache.read_bytes()
     assert (tmp_path / "a" / "calibration.json").read_bytes() == first
     assert run("b") == 0 and spy["builds"] == 1  # a cache hit: nothing sampled
-    assert "read from the cache" in capsys.readouterr().out
+    assert "read from the cache" in capsys.readouterr().err
     assert (tmp_path / "b" / "calibration.json").read_bytes() == first and cache.read_bytes() == first
     assert run("c", "--calibration-samples", str(M + 1)) == 0 and spy["builds"] == 2  # another m
     assert len(json.loads(cache.read_text())["ref_rewards"][0]) == M + 1  # the cache now holds the new set
@@ -174,11 +174,13 @@ BASE = {"model": "m", "reward": "regex:a", "prompts": "p.jsonl"}
     ({"transform": "identity", "t": 2.0}, r"t is used only by transform exp.*--t none"),
     ({"transform": "identity", "calibration_samples": 0}, "calibration_samples must be >= 1"),
     ({"transform": "identity", "calibration_samples": 2.5}, "calibration.calibration_samples must be an int"),
-    ({"m": 3}, "unknown config key calibration.m; calibration takes: transform, procedure, t"),
+    ({"m": 3}, r"unknown config key 'calibration.m'; did you mean 'calibration.t'\?"),
 ])
 def test_bad_calibration_values_are_named(calibration, message):
+    from tilt.runs.config import build, resolve
+
     with pytest.raises(ValueError, match=message):
-        resolve("kl-rl", {**BASE, "calibration": calibration}, {})
+        build(resolve("kl-rl", {**BASE, "calibration": calibration}))
 
 
 def test_bad_calibration_input_leaves_no_run_directory(world, tmp_path, capsys):
