@@ -4,14 +4,12 @@ The task: demonstrations are 4-letter words over {a, b, c}; the programmatic rew
 (``regex:a``). Cloning must lower the demonstration NLL; RL toward the clone must raise the reward while the KL to
 the clone stays under a budget (the interval's upper end), and the KL to the initial model is reported too.
 """
-import argparse
 import json
 import random
 
 import pytest
 import torch
 
-from tilt.cli.pipelines import add_parser, add_train_parsers
 from tilt.engine.hf import SamplingConfig
 from tilt.engine.tiny import char_tokenizer, tiny_gpt2
 from tilt.evaluation import EvalConfig
@@ -183,22 +181,73 @@ def test_rlhf_reward_model_beats_chance_on_held_out_pairs_and_rl_raises_the_orac
 def test_cli_config_file_overrides_and_resume(files, tmp_path, capsys):
     import yaml
 
+    from tilt.cli import main
+
     config = demo_config(files, bc=BCConfig(steps=3, sequences_per_step=0, lr=3e-3),
                          rl=KLRLConfig(beta=LAM, steps=2, prompts_per_step=2, samples_per_prompt=2, lr=3e-3))
-    path = tmp_path / "c.yaml"
+    path = tmp_path / "c.yaml"  # the pipeline's own flat shape: bare names resolve to their sections
     path.write_text(yaml.safe_dump({k: v for k, v in config_to_dict(config).items() if k != "pipeline"}))
-    parser = argparse.ArgumentParser(prog="tilt")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    add_train_parsers(sub.add_parser("train").add_subparsers(dest="recipe", required=True))
-    args = parser.parse_args(["train", "demo-rl", "--config", str(path), "--run-dir", str(tmp_path / "run"), "--lam", "0.5",
-                              "--bc.steps", "4", "--json"])
-    assert args.run(args) == 0
+    run = tmp_path / "run"
+    assert main(["train", "demo-rl", "--config", str(path), "--run-dir", str(run), "--lam", "0.5", "--bc.steps", "4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["stages"]["rl"]["lam"] == 0.5 and out["stages"]["bc"]["steps"] == 4 and out["skipped"] == []
-    args = parser.parse_args(["pipeline", "demo-rl", "--resume", str(tmp_path / "run"), "--json"])
-    assert args.run(args) == 0
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["rl"]["beta"] == 0.5 and saved["run"]["demonstrations"] == str(files / "demos.jsonl")
+    assert main(["train", "demo-rl", "--resume", str(run), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["skipped"] == ["bc", "rl"]
-    with pytest.raises(ValueError, match="--rl.steps must be an int"):
-        args = parser.parse_args(["pipeline", "demo-rl", "--config", str(path), "--rl.steps", "two"])
-        args.run(args)
+    assert main(["train", "demo-rl", "--config", str(path), "--rl.steps", "two"]) == 2
+    assert "--rl.steps must be an int" in capsys.readouterr().err
+
+
+def test_bad_pipeline_input_leaves_no_run_directory(files, tmp_path, capsys):
+    from tilt.cli import main
+
+    run = tmp_path / "run"
+    base = ["--model", str(files / "base"), "--demonstrations", str(files / "demos.jsonl"), "--reward", "regex:a",
+            "--run-dir", str(run)]
+    for extra, message in [(["--reward", "nosuchreward"], "nosuchreward"), (["--demonstrations", str(tmp_path / "no.jsonl")], "no.jsonl"),
+                           (["--bc.lr", "fast"], "--bc.lr must be a float"), (["--rl.samples_per_prompt", "1"], "rl: samples_per_prompt")]:
+        args = base + extra if extra[0] != "--reward" else [a if a != "regex:a" else extra[1] for a in base]
+        assert main(["train", "demo-rl", *args]) == 2
+        assert message in capsys.readouterr().err and not run.exists()
+
+
+SIGTERM_REWARD = """import os, signal
+
+CALLS = [0]
+
+
+def a_count(prompts, completions):
+    CALLS[0] += 1
+    if str(CALLS[0]) == os.environ.get("STOP_AT_REWARD_CALL"):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return [float(c.count("a")) for c in completions]
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_stage_checkpoints_exits_143_and_resume_reproduces_the_run(files, tmp_path, monkeypatch, capsys):
+    from tilt.cli import main
+
+    reward = tmp_path / "reward.py"
+    reward.write_text(SIGTERM_REWARD)
+    args = ["--model", str(files / "base"), "--demonstrations", str(files / "demos.jsonl"), "--reward", f"{reward}:a_count",
+            "--bc.steps", "4", "--bc.sequences_per_step", "8", "--rl.steps", "6", "--rl.prompts_per_step", "2",
+            "--rl.samples_per_prompt", "2", "--checkpoint_every", "2", "--eval_prompts", "2", "--eval.samples_per_prompt", "2",
+            "--eval.num_resamples", "20", "--max_new_tokens", "4"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main(["train", "demo-rl", *args, "--run-dir", str(whole), "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    # reward calls: the before-measurement of the RL stage, then one per RL step; call 5 is in RL step 4 (of 6)
+    monkeypatch.setenv("STOP_AT_REWARD_CALL", "5")
+    assert main(["train", "demo-rl", *args, "--run-dir", str(cut)]) == 143
+    err = capsys.readouterr().err
+    assert f"tilt train demo-rl --resume {cut}" in err
+    assert read_stage(cut, "bc") is not None and read_stage(cut, "rl") is None
+    assert (cut / "work" / "rl" / "checkpoints").is_dir()
+    monkeypatch.delenv("STOP_AT_REWARD_CALL")
+    assert main(["train", "demo-rl", "--resume", str(cut), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["skipped"] == ["bc"] and again["stages"] == full["stages"]
+    a, b = weights(stage_dir(whole, "rl")), weights(stage_dir(cut, "rl"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
