@@ -521,8 +521,8 @@ def train_kl_rl(config: dict, run_dir: Path, *, resume: bool) -> int:
         done = runs.latest_checkpoint(run)
         where = f"its checkpoints up to {done.name} are intact" if done is not None else "it has no checkpoint yet"
         message = f"{type(exc).__name__}: {exc}"
-        runs.mark_failed(run, message)
-        print(f"tilt: error: {message}\n# the run {run} is marked failed ({run / runs.FAILED}); {where}. "
+        marked = f"is marked failed ({run / runs.FAILED})" if runs.mark_failed(run, message) else "could not be marked failed"
+        print(f"tilt: error: {message}\n# the run {run} {marked}; {where}. "
               f"Fix the cause, then: tilt train {config['recipe']} --resume {run}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     finally:

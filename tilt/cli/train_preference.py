@@ -385,9 +385,9 @@ def run_steps(command: str, run: Path, steps: int, start: int, train_fn: Callabl
     except Exception as exc:  # noqa: BLE001 - any error during training marks the run failed, then is reported
         bar.close()
         message = f"{type(exc).__name__}: {exc}"
-        runs.mark_failed(run, message)
+        marked = f"is marked failed ({run / runs.FAILED})" if runs.mark_failed(run, message) else "could not be marked failed"
         hint = f"; fix the cause, then: tilt train {command} --resume {run}" if save is not None else ""
-        print(f"tilt: error: {message}\n# the run {run} is marked failed ({run / runs.FAILED}){hint}", file=sys.stderr, flush=True)
+        print(f"tilt: error: {message}\n# the run {run} {marked}{hint}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     finally:
         for s, handler in previous.items():
