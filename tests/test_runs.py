@@ -6,6 +6,7 @@ uninterrupted run.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -96,7 +97,10 @@ def test_run_directory_holds_config_metrics_samples_checkpoints_and_final(world,
     assert all(s["reward"] == sum(ch in "aeiou" for ch in s["completion"]) for s in samples)
     ckpts = runs.list_checkpoints(uninterrupted)
     assert [s for s, _ in ckpts] == [15, 16]  # keep_checkpoints = 2; the last step is always saved
-    assert (uninterrupted / "checkpoints" / "latest").read_text().strip() == "step-00000016"
+    assert not (uninterrupted / "checkpoints" / "latest").exists()  # the newest intact step-N folder is the truth
+    for _, folder in ckpts:
+        runs.verify_checkpoint(folder)  # every checkpoint carries the checksums of its files
+    runs.verify_checkpoint(uninterrupted / "final")
     final = AutoModelForCausalLM.from_pretrained(uninterrupted / "final", use_safetensors=True)
     last = AutoModelForCausalLM.from_pretrained(ckpts[-1][1], use_safetensors=True)
     start = AutoModelForCausalLM.from_pretrained(world / "model", use_safetensors=True)
@@ -146,7 +150,7 @@ def test_a_half_written_checkpoint_is_never_listed_and_is_cleaned_up(tmp_path):
     model = tiny_gpt2(len(tok), n_layer=1, n_embd=8)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     runs.save_checkpoint(tmp_path, 2, model, tok, opt)
-    half = tmp_path / "checkpoints" / ".tmp-step-00000004-123"
+    half = tmp_path / "checkpoints" / f".tmp-step-00000004-{_dead_pid()}"
     half.mkdir()
     (half / "model.safetensors").write_bytes(b"partial")
     assert runs.latest_checkpoint(tmp_path).name == "step-00000002"
@@ -160,6 +164,13 @@ def test_resume_drops_rows_after_the_checkpoint_and_a_torn_last_line(tmp_path):
     assert [r["step"] for r in runs.read_jsonl(path)] == [1, 2, 3, 4, 5]
     runs.truncate_jsonl(path, max_step=3)
     assert runs.read_jsonl(path) == [{"step": s, "reward": s / 3} for s in (1, 2, 3)]
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has just ended (a stand-in for a writer that crashed)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
 
 
 # --- bad input: a clear error and no run directory ----------------------------------------------------------------
@@ -281,7 +292,7 @@ def test_kill_9_crash_mid_checkpoint_and_sigterm_then_resume_equal_an_uninterrup
     assert proc.wait(timeout=90) == -signal.SIGKILL
     ckpt_dir = run / "checkpoints"
     assert not (ckpt_dir / "step-00000012").exists() and list(ckpt_dir.glob(".tmp-step-00000012-*"))
-    assert (ckpt_dir / "latest").read_text().strip() == "step-00000009"
+    assert runs.latest_checkpoint(run).name == "step-00000009"
     AutoModelForCausalLM.from_pretrained(ckpt_dir / "step-00000009", use_safetensors=True)  # intact, loadable
 
     # 3. resume, then SIGTERM: the step finishes, a checkpoint is saved, the process exits cleanly
@@ -313,3 +324,300 @@ def test_a_run_that_failed_before_its_first_checkpoint_resumes_from_the_start(wo
     assert main(["train", "kl-rl", "--resume", str(run)]) == EXIT_FAILED
     after = (run / "metrics.jsonl").read_text()
     assert after.startswith(before) and [m["step"] for m in runs.read_jsonl(run / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+# --- one writer at a time ------------------------------------------------------------------------------------------
+HOLD_LOCK = """
+import sys, time
+from tilt.runs import directory as runs
+with runs.lock_run(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+TRY_LOCK = """
+import sys
+from tilt.runs import directory as runs
+sys.stdin.readline()  # go
+try:
+    with runs.lock_run(sys.argv[1]):
+        print("acquired", flush=True)
+except runs.RunLockedError as exc:
+    print(exc, flush=True)
+    sys.exit(3)
+"""
+
+
+def _python(code: str, *args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, **kw)
+
+
+@pytest.mark.slow
+def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holder_does_not_block(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder, second = _python(HOLD_LOCK, str(run)), _python(TRY_LOCK, str(run))  # both start (import) at once
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        out, _ = second.communicate("go\n", timeout=60)
+        assert second.returncode == 3, out
+        assert f"in use by process {holder.pid}" in out and f"kill -TERM {holder.pid}" in out and "--resume" in out
+        with pytest.raises(runs.RunLockedError, match=f"process {holder.pid}"):  # this process is refused as well
+            with runs.lock_run(run):
+                pass
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs in the holder; the system releases its flock
+        holder.wait(timeout=30)
+    with runs.lock_run(run):  # the killed holder's lock is gone, though RUN/.lock is still there
+        assert json.loads((run / runs.LOCK).read_text())["pid"] == os.getpid()
+
+
+def test_taking_the_lock_removes_temporaries_of_dead_writers_only(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    dead, alive = _dead_pid(), os.getppid()
+    stray = [run / "checkpoints" / f".tmp-step-00000007-{dead}", run / f".final.tmp-{dead}"]
+    for folder in stray:
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+    (run / f".FAILED.tmp-{dead}").write_text("half")
+    busy = run / "checkpoints" / f".tmp-step-00000008-{alive}"  # a live process's write in progress
+    busy.mkdir()
+    with runs.lock_run(run):
+        assert not any(p.exists() for p in stray) and not (run / f".FAILED.tmp-{dead}").exists()
+        assert busy.exists()
+
+
+# --- the inputs of a run ---------------------------------------------------------------------------------------------
+def _inputs(root: Path) -> dict:
+    """What ``fingerprint_inputs`` is given for the run made of the files under ``root``."""
+    return dict(data={"prompts": root / "prompts.jsonl"}, models={"model": root / "model"},
+                rewards={"reward": [f"{root / 'reward.py'}:vowels", "0.5*length:chars", "tilt_test_reward_mod:score"]})
+
+
+@pytest.fixture
+def inputs(tmp_path, monkeypatch):
+    from tilt.engine.tiny import char_tokenizer, tiny_gpt2
+
+    tok = char_tokenizer()
+    tiny_gpt2(len(tok), n_layer=1, n_embd=8, seed=1).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    (tmp_path / "reward.py").write_text(REWARD_PY)
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "tilt_test_reward_mod.py").write_text("def score(p, c):\n    return [1.0 for _ in c]\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "mods"))
+    config = {"beta": 0.1, "steps": 8, "sampling": {"top_k": 0}}
+    return tmp_path, config, runs.fingerprint_inputs(config, **_inputs(tmp_path))
+
+
+def test_unchanged_inputs_pass_and_the_fingerprint_round_trips_through_the_run(inputs):
+    root, config, saved = inputs
+    run = runs.create_run(root / "run", config, fingerprint=saved)
+    assert runs.read_fingerprint(run) == saved
+    runs.check_fingerprint(runs.read_fingerprint(run), runs.fingerprint_inputs(config, **_inputs(root)), accept=())
+    files = saved["inputs"]["reward"]["files"]
+    assert sorted(Path(f).name for f in files) == ["reward.py", "tilt_test_reward_mod.py"]  # built-ins have no file
+
+
+@pytest.mark.parametrize("change, names", [
+    ("data", ["prompts"]),
+    ("beta", ["config.beta"]),
+    ("nested", ["config.sampling.top_k"]),
+    ("reward_file", ["reward"]),
+    ("reward_module", ["reward"]),
+    ("weights", ["model"]),
+    ("model_config", ["model"]),
+    ("everything", ["config.beta", "model", "prompts", "reward"]),
+])
+def test_a_changed_input_is_refused_by_name_and_accepted_when_named(inputs, change, names):
+    from tilt.engine.tiny import tiny_gpt2
+
+    root, config, saved = inputs
+    if change in ("data", "everything"):
+        (root / "prompts.jsonl").write_text('{"prompt": "a"}\n{"prompt": "c"}\n')  # same size, other content
+    if change in ("beta", "everything"):
+        config = {**config, "beta": 0.5}
+    if change == "nested":
+        config = {**config, "sampling": {"top_k": 5}}
+    if change in ("reward_file", "everything"):
+        (root / "reward.py").write_text(REWARD_PY.replace('"aeiou"', '"aeiouy"'))
+    if change == "reward_module":
+        (root / "mods" / "tilt_test_reward_mod.py").write_text("def score(p, c):\n    return [2.0 for _ in c]\n")
+    if change in ("weights", "everything"):
+        vocab = json.loads((root / "model" / "config.json").read_text())["vocab_size"]
+        tiny_gpt2(vocab, n_layer=1, n_embd=8, seed=2).save_pretrained(root / "model")  # same shapes, other values
+    if change == "model_config":
+        cfg = json.loads((root / "model" / "config.json").read_text())
+        (root / "model" / "config.json").write_text(json.dumps({**cfg, "layer_norm_epsilon": 1e-3}))
+    current = runs.fingerprint_inputs(config, **_inputs(root))
+    with pytest.raises(ValueError) as info:
+        runs.check_fingerprint(saved, current, accept=())
+    message = str(info.value)
+    assert f"--accept-changes {','.join(names)}" in message
+    for name in names:
+        assert f"  {name}: " in message
+    if change == "beta":
+        assert "config.beta: 0.1 -> 0.5" in message
+    runs.check_fingerprint(saved, current, accept=names)  # accepted when every change is named
+    if len(names) > 1:
+        with pytest.raises(ValueError, match=f"--accept-changes {names[-1]}$"):  # naming some leaves the others refused
+            runs.check_fingerprint(saved, current, accept=names[:-1])
+    if names[0].startswith("config."):
+        runs.check_fingerprint(saved, current, accept=["config"] + names[1:])  # "config" accepts every config key
+
+
+def test_accepting_an_input_that_does_not_exist_is_an_error(inputs):
+    root, config, saved = inputs
+    with pytest.raises(ValueError, match="names no input: promts; the inputs are config, model, prompts, reward"):
+        runs.check_fingerprint(saved, saved, accept=["promts"])
+
+
+# --- checksummed checkpoints -----------------------------------------------------------------------------------------
+def _two_checkpoints(run: Path):
+    from tilt.engine.tiny import char_tokenizer, tiny_gpt2
+
+    tok = char_tokenizer()
+    model = tiny_gpt2(len(tok), n_layer=1, n_embd=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 5)))
+    for step in (2, 4):
+        with torch.no_grad():
+            next(model.parameters()).add_(1.0)
+        runs.save_checkpoint(run, step, model, tok, opt, keep=0)
+    return model
+
+
+def _zero_middle(path: Path, n: int = 64) -> None:
+    """Zero n bytes in the middle of a file (inside the tensor data of a safetensors file), keeping its size."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + n] = bytes(n)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, named", [
+    ("truncate", "model.safetensors: "),
+    ("zero", "model.safetensors: its SHA-256 differs"),
+    ("state", "trainer_state.safetensors: its SHA-256 differs"),
+    ("delete", "config.json: missing"),
+    ("manifest", "checksums.json is missing"),
+])
+def test_a_corrupt_newest_checkpoint_is_named_and_the_previous_one_used(tmp_path, capsys, damage, named):
+    run = tmp_path / "run"
+    _two_checkpoints(run)
+    newest = run / "checkpoints" / "step-00000004"
+    if damage == "truncate":
+        weights = newest / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif damage == "zero":
+        _zero_middle(newest / "model.safetensors")
+    elif damage == "state":
+        _zero_middle(newest / runs.STATE_TENSORS)
+    elif damage == "delete":
+        (newest / "config.json").unlink()
+    else:
+        (newest / runs.MANIFEST).unlink()
+    checkpoint, step = runs.prepare_resume(run)
+    assert checkpoint.name == "step-00000002" and step == 2
+    err = capsys.readouterr().err
+    assert "checkpoint step-00000004 is corrupt" in err and named in err and "falling back to step-00000002" in err
+    assert [s for s, _ in runs.list_checkpoints(run)] == [2] and (run / "checkpoints" / "corrupt-step-00000004").is_dir()
+    assert [r["step"] for r in runs.read_jsonl(run / "metrics.jsonl")] == [1, 2]
+    state, _ = runs.load_trainer_state(checkpoint)
+    assert state["step"] == 2
+
+
+def test_zeroed_weights_load_silently_without_the_checksums(tmp_path):
+    """Why checksums are needed: safetensors reads a weights file whose tensor bytes were zeroed without error."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    _two_checkpoints(run)
+    weights = run / "checkpoints" / "step-00000004" / "model.safetensors"
+    before = {k: v.clone() for k, v in load_file(str(weights)).items()}  # load_file may map the file
+    _zero_middle(weights)
+    after = load_file(str(weights))  # no error
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(runs.CorruptCheckpointError, match="model.safetensors"):
+        runs.verify_checkpoint(weights.parent)
+    with pytest.raises(runs.CorruptCheckpointError, match="trainer_state"):
+        _zero_middle(weights.parent / runs.STATE_TENSORS)
+        runs.load_trainer_state(weights.parent)
+
+
+def test_no_intact_checkpoint_restarts_from_step_zero(tmp_path, capsys):
+    run = tmp_path / "run"
+    _two_checkpoints(run)
+    for step in (2, 4):
+        _zero_middle(run / "checkpoints" / runs.checkpoint_name(step) / "model.safetensors")
+    assert runs.prepare_resume(run) == (None, 0)
+    err = capsys.readouterr().err
+    assert "step-00000004 is corrupt" in err and "step-00000002 is corrupt" in err and "restarting from step 0" in err
+
+
+# --- a full disk ---------------------------------------------------------------------------------------------------
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device", "trainer_state.safetensors")
+
+
+def test_a_full_disk_during_a_checkpoint_leaves_failed_and_no_temporary_folder(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    run = tmp_path / "run"
+    model = _two_checkpoints(run)
+    monkeypatch.setattr(safetensors.torch, "save_file", _no_space)
+    with pytest.raises(runs.CheckpointWriteError) as info:
+        runs.save_checkpoint(run, 6, model, None, torch.optim.SGD(model.parameters(), lr=0.1), keep=0)
+    exc = info.value
+    assert exc.__cause__ is None and exc.__suppress_context__ and exc.errno == errno.ENOSPC  # one error, no chain
+    assert "No space left on device" in str(exc) and "checkpoints up to step-00000004 are intact" in str(exc)
+    assert f"{run / runs.FAILED} holds this message" in str(exc)
+    assert "No space left on device" in (run / runs.FAILED).read_text()
+    assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")] == []
+    assert [s for s, _ in runs.list_checkpoints(run)] == [2, 4]
+
+
+def test_a_full_disk_that_cannot_even_take_failed_says_so(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    run = tmp_path / "run"
+    model = _two_checkpoints(run)
+    monkeypatch.setattr(safetensors.torch, "save_file", _no_space)
+    real_open = open
+
+    def no_space_for_new_files(file, mode="r", *args, **kwargs):  # every new file fails, as on a full disk
+        if "w" in mode and str(file).startswith(str(run)):
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", no_space_for_new_files)
+    with pytest.raises(runs.CheckpointWriteError, match=f"not even {run / runs.FAILED} could be written"):
+        runs.save_checkpoint(run, 6, model, None, torch.optim.SGD(model.parameters(), lr=0.1), keep=0)
+    monkeypatch.undo()
+    assert not (run / runs.FAILED).exists() and sorted(p.name for p in run.iterdir()) == ["checkpoints", "metrics.jsonl"]
+
+
+def test_a_full_disk_during_training_ends_in_one_message_and_failed(world, tmp_path, monkeypatch, capsys):
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
+    calls = [0]
+
+    def fails_on_the_second_checkpoint(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            _no_space()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fails_on_the_second_checkpoint)
+    run = tmp_path / "run"
+    assert train(world, "--run-dir", str(run), "--steps", "4", "--checkpoint-every", "2") == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("No space left on device") == 1 and "--resume" in err
+    assert "No space left on device" in (run / runs.FAILED).read_text()
+    assert not [p for p in run.rglob(".*") if p.name != runs.LOCK]
+    assert [s for s, _ in runs.list_checkpoints(run)] == [2]

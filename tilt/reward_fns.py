@@ -206,6 +206,14 @@ def keyword_reward(keywords: Sequence[str], *, mode: str = "count", ignore_case:
 
 # --- specs -------------------------------------------------------------------------------------------------------
 _WEIGHTED = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*\*\s*(.+)$", re.S)
+BUILTIN_HEADS = ("length", "keywords", "keywords-present", "regex", "regex-present")
+"""The built-in specs written ``HEAD:ARGUMENTS`` (besides ``sentiment``); anything else with a colon names a function."""
+
+
+def split_weight(spec: str) -> tuple[float, str]:
+    """``"0.5*length:chars"`` -> (0.5, "length:chars"); a spec without a weight has weight 1."""
+    m = _WEIGHTED.match(spec)
+    return (float(m.group(1)), m.group(2).strip()) if m else (1.0, spec)
 
 
 def reward_from_spec(spec: str, *, trust_remote_code: bool = False, device: str = "cpu") -> RewardFn:
@@ -238,8 +246,7 @@ def reward_from_specs(specs: Sequence[str], *, trust_remote_code: bool = False, 
         raise ValueError("no reward given; name at least one (module:function, a model folder, or a built-in)")
     terms = []
     for spec in specs:
-        m = _WEIGHTED.match(spec)
-        weight, inner = (float(m.group(1)), m.group(2).strip()) if m else (1.0, spec)
+        weight, inner = split_weight(spec)
         terms.append((weight, reward_from_spec(inner, trust_remote_code=trust_remote_code, device=device)))
     if len(terms) == 1 and terms[0][0] == 1.0:
         return terms[0][1]
