@@ -144,3 +144,21 @@ def test_lora_and_the_run_section_from_flags_train_on_cpu(world, tmp_path, capsy
     assert any(not torch.equal(final[k], base[k]) for k in base) and out["steps"] == 2
     # step 1 samples the initial policy: the adapter starts at zero, so the adapter-disabled reference is the same model
     assert runs.read_jsonl(run / "metrics.jsonl")[0]["kl_ref"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_second_writer_is_refused_and_changed_inputs_need_accepting(world, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "dpo", "--config", str(world / "dpo.yaml"), "--run-dir", str(run), "--epochs", "1"]) == 0
+    assert (run / runs.FINGERPRINT).is_file()
+    with runs.lock_run(run):  # another writer holds the run
+        assert main(["train", "dpo", "--resume", str(run)]) == 2
+        assert f"process {os.getpid()}" in capsys.readouterr().err
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["dpo"]["beta"] = 0.7  # edited between stop and resume
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert main(["train", "dpo", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "config.dpo.beta" in err and "--accept-changes" in err
+    assert main(["train", "dpo", "--resume", str(run), "--accept-changes", "beta", "--json"]) == 0
+    assert runs.read_fingerprint(run)["inputs"]["config"]["values"]["dpo.beta"] == 0.7  # accepted: the run's input now

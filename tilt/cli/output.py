@@ -42,8 +42,8 @@ def print_json(obj: Any) -> None:
 
 
 def run_parsed(args) -> int:
-    """Run a parsed command (``args.run(args)``). Bad input (ValueError, a missing file, a missing package) prints
-    one ``tilt: error:`` line and exits 2, the same for every entry point. A multi-process run whose peer died
+    """Run a parsed command (``args.run(args)``). Bad input (ValueError, a missing file, a missing package) and a run
+    directory locked by another process print one ``tilt: error:`` line and exit 2, the same for every entry point. A multi-process run whose peer died
     (``tilt.distributed.RankFailure``) prints its line and exits 3 at once: its checkpoints are already on disk, and
     tearing down a broken process group can abort the process (SIGABRT) and bury the message."""
     try:
@@ -53,7 +53,11 @@ def run_parsed(args) -> int:
         return 2
     except RuntimeError as exc:
         from tilt.distributed import RankFailure
+        from tilt.runs.directory import RunLockedError
 
+        if isinstance(exc, RunLockedError):  # another process writes this run: nothing was touched
+            print(f"tilt: error: {exc}", file=sys.stderr)
+            return 2
         if not isinstance(exc, RankFailure):
             raise
         print(f"tilt: error: {exc}", file=sys.stderr)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from tilt.cli.output import print_json, run_parsed
@@ -132,17 +133,19 @@ def run_train(args: argparse.Namespace) -> int:
 
     print(f"# tilt train {command}: resolved config" + (f" (resuming {run_dir})" if args.resume else ""), file=sys.stderr)
     print(runs.dump_config(config), end="", file=sys.stderr, flush=True)
-    if repeat:  # the changes a resume makes are part of the run from now on
-        runs.write_atomic(run_dir / "config.yaml", runs.dump_config(config))
-    with Signals() as signals:
+    with ExitStack() as stack, Signals() as signals:
+        if args.resume:  # one writer at a time, for the whole run; then the inputs must be the run's own
+            stack.enter_context(runs.lock_run(run_dir))
+            check_inputs(command, run_dir, config, args.accept_changes, changed=[r.split()[0][2:] for r in repeat])
         if command.startswith("demo"):
             from tilt.pipelines.demo_rl import run_pipeline_command
 
-            result = run_pipeline_command(config, sections, run_dir, resume=bool(args.resume), signals=signals)
+            result = run_pipeline_command(config, sections, run_dir, resume=bool(args.resume), signals=signals, stack=stack)
         else:
             from tilt.runs.commands import ASSEMBLIES
 
-            result = ASSEMBLIES[command](config, sections, run_dir, resume=bool(args.resume), signals=signals, resume_flags=repeat)
+            result = ASSEMBLIES[command](config, sections, run_dir, resume=bool(args.resume), signals=signals,
+                                         resume_flags=repeat, stack=stack)
     if isinstance(result, int):
         return result
     if args.json:
@@ -150,6 +153,27 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         print_summary(result)
     return 0
+
+
+def check_inputs(command: str, run_dir: Path, config: dict, accept_text: str, *, changed: list[str]) -> None:
+    """On resume: refuse inputs that changed since the run started (config, data, model, reward source) unless
+    ``--accept-changes`` names them or they are the changes ``--resume`` may make; then write the run's config and
+    fingerprint as they are from now on."""
+    from tilt.runs import config as cfg
+    from tilt.runs import directory as runs
+    from tilt.runs.setup import run_fingerprint
+
+    index = cfg.key_index(command)
+    accept = {f"config.{index[a.replace('-', '_')]}" if a.replace("-", "_") in index else a
+              for a in (x.strip() for x in accept_text.split(",")) if a}
+    accept |= {f"config.{path}" for path in changed}
+    current = run_fingerprint(config)
+    saved = runs.read_fingerprint(run_dir)
+    if saved is not None:
+        runs.check_fingerprint(saved, current, accept=accept)
+    if changed or accept or saved is None:
+        runs.write_atomic(run_dir / "config.yaml", runs.dump_config(config))
+        runs.save_fingerprint(run_dir, current)
 
 
 def quiet_transformers() -> None:

@@ -180,7 +180,7 @@ def read_stage(run_dir: str | Path, stage: str) -> dict | None:
     return json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
 
 
-def open_run(run_dir: str | Path, config: DemoRLConfig, saved_config: Mapping[str, Any] | None = None) -> Path:
+def open_run(run_dir: str | Path, config: DemoRLConfig, saved_config: Mapping[str, Any] | None = None, *, stack=None) -> Path:
     """Create RUN with its config.yaml, or reopen it when it holds the same config (a rerun); another config is an
     error, since the completed stages would then belong to a different run."""
     run = Path(run_dir)
@@ -191,8 +191,11 @@ def open_run(run_dir: str | Path, config: DemoRLConfig, saved_config: Mapping[st
             diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
             raise ValueError(f"{run} holds a run with another config (differs in: {', '.join(diff)}); "
                              "resume it with its own config, or choose another run directory")
-        return run
-    return runs.create_run(run, wanted)
+    else:
+        runs.create_run(run, wanted)
+    if stack is not None:  # hold the run's lock until the caller's ``with`` ends
+        stack.enter_context(runs.lock_run(run))
+    return run
 
 
 def _commit_stage(run: Path, stage: str, write: Callable[[Path], None], marker: dict) -> dict:
@@ -511,7 +514,7 @@ def _run_stage(run: Path, stage: str, skipped: list, fn: Callable[[], dict]) -> 
 
 
 def run_demo_rl(config: DemoRLConfig, run_dir: str | Path, *, hook: Hook | None = None,
-                saved_config: Mapping[str, Any] | None = None) -> dict:
+                saved_config: Mapping[str, Any] | None = None, stack=None) -> dict:
     """Clone the demonstrations, then KL-regularised RL toward the clone; see the module docstring.
 
     ``run_dir`` is created, or reopened when it holds the same config: completed stages are skipped and a stage
@@ -524,7 +527,7 @@ def run_demo_rl(config: DemoRLConfig, run_dir: str | Path, *, hook: Hook | None 
     tokenizer, demo_rows = _demo_rows(config)  # every input is checked before the run directory is made
     prompts = _rl_prompts(config, tokenizer, demo_rows)
     reward_fn = reward_from_specs(list(config.reward))
-    run = open_run(run_dir, config, saved_config)
+    run = open_run(run_dir, config, saved_config, stack=stack)
     skipped, stages = [], {}
     stages["bc"] = _run_stage(run, "bc", skipped, lambda: _stage_bc(config, run, demo_rows, hook))
     stages["rl"] = _run_stage(run, "rl", skipped, lambda: _stage_rl(config, run, prompts, reward_fn, hook))
@@ -532,7 +535,7 @@ def run_demo_rl(config: DemoRLConfig, run_dir: str | Path, *, hook: Hook | None 
 
 
 def run_demo_rlhf(config: DemoRLHFConfig, run_dir: str | Path, *, hook: Hook | None = None,
-                  saved_config: Mapping[str, Any] | None = None) -> dict:
+                  saved_config: Mapping[str, Any] | None = None, stack=None) -> dict:
     """Clone; preference pairs on clone samples labelled by the oracle (from ``config.reward``); a Bradley-Terry
     reward model; KL-regularised RL toward the clone with that reward. The RL stage reports the learned reward and
     the oracle's (``oracle_reward``) before and after. Resumable like ``run_demo_rl``."""
@@ -543,7 +546,7 @@ def run_demo_rlhf(config: DemoRLHFConfig, run_dir: str | Path, *, hook: Hook | N
     tokenizer, demo_rows = _demo_rows(config)  # every input is checked before the run directory is made
     prompts = _rl_prompts(config, tokenizer, demo_rows)
     reward_from_specs(list(config.reward))
-    run = open_run(run_dir, config, saved_config)
+    run = open_run(run_dir, config, saved_config, stack=stack)
     skipped, stages = [], {}
     stages["bc"] = _run_stage(run, "bc", skipped, lambda: _stage_bc(config, run, demo_rows, hook))
     stages["preferences"] = _run_stage(run, "preferences", skipped, lambda: _stage_preferences(config, run, prompts))
@@ -571,7 +574,7 @@ def config_from_sections(command: str, config: Mapping[str, Any], sections: Mapp
 
 
 def run_pipeline_command(config: Mapping[str, Any], sections: Mapping[str, Any], run_dir: str | Path, *, resume: bool,
-                         signals) -> dict | int:
+                         signals, stack=None) -> dict | int:
     """Run ``tilt train demo-rl | demo-rlhf``: the summary (every stage's stage.json), or the exit code of a run
     stopped by a signal (143/130, after a checkpoint) or failed during training (1, RUN/FAILED)."""
     import sys
@@ -586,7 +589,7 @@ def run_pipeline_command(config: Mapping[str, Any], sections: Mapping[str, Any],
     fn = run_demo_rlhf if command == "demo-rlhf" else run_demo_rl
     try:
         return fn(pipeline_config, run, hook=lambda stage, step, metrics: signals.received is not None,
-                  saved_config=config)
+                  saved_config=config, stack=None if resume else stack)
     except Stop as stop:
         print(f"# stopped by {signals.name} at step {stop.args[0]} of a stage; checkpoint saved\n"
               f"# continue with: {resume_command(command, run)}", file=sys.stderr, flush=True)
