@@ -14,7 +14,8 @@ import torch
 from scipy.optimize import brentq
 from scipy.stats import poisson
 
-from tilt.cli import inference, main
+from tilt.cli import main
+from tilt.lab import drivers
 from tilt.gdc import fit_coefficients, fit_target, log_indicator, pointwise_target
 from tilt.lab.tabular import TabularPolicy, random_tabular_policy
 from tilt.lab.world import TableReward, exact_report, reward_table
@@ -308,7 +309,7 @@ def test_qrs_exact_poisson_numbers():
 
 
 def test_qrs_lab_estimates_match_exact_and_converge():
-    rows = [inference.run_qrs_lab(qrs_beta=qb, samples=20000) for qb in (2.0, 8.0, 30.0)]
+    rows = [drivers.run_qrs_lab(qrs_beta=qb, samples=20000) for qb in (2.0, 8.0, 30.0)]
     for row in rows:
         assert abs(row["acceptance_rate_estimate"] - row["acceptance_rate"]) < 0.01
         assert abs(row["tv_estimate"] - row["tv"]) < 0.01

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tilt.cli import main
-from tilt.cli.lab import run_kl_rl_lab
+from tilt.lab.drivers import run_kl_rl_lab
 from tilt.lab.tabular import random_tabular_policy
 from tilt.lab.world import TableReward, reward_table
 from tilt.recipes import kl_rl

@@ -10,15 +10,16 @@ import sys
 from tilt.cli.output import run_parsed
 
 GROUPS = {
-    "train": ("tilt.cli.train", "train a model from a YAML config, in a run directory you can stop and resume"),
-    "lab": ("tilt.cli.lab", "small exact worlds where pi* is known: check a method against the truth"),
-    "eval": ("tilt.cli.evaluate", "evaluate a policy against a reference: reward, KL, win rate, distance to pi*"),
-    "report": ("tilt.cli.report", "an HTML report of a run directory"),
-    "infalign": ("tilt.cli.infalign", "InfAlign's analytic tool: tune t, analyse a transform, the CTRL lab"),
-    "data": ("tilt.cli.data", "check a data file the way training would read it"),
-    "demo": ("tilt.cli.demo", "align the embedded model toward positive reviews and show before/after"),
+    "train": ("tilt.cli.train", "add_parser", "train a model from a YAML config, in a run directory you can stop and resume"),
+    "lab": ("tilt.cli.lab", "add_parser", "exact experiments in small enumerable worlds"),
+    "eval": ("tilt.cli.evaluate", "add_eval_parser", "reward, KL to a reference and win rate against it, with confidence intervals"),
+    "report": ("tilt.cli.report", "add_parser", "plots and an HTML page of one or more run directories"),
+    "infalign": ("tilt.cli.infalign", "add_parser", "inference-aware alignment: KL and win rates of calibrated tilts, and tuning t"),
+    "data": ("tilt.cli.data", "add_parser", "check training data files"),
+    "demo": ("tilt.cli.demo", "add_parser", "align the embedded model toward positive reviews and show before/after"),
+    "sample": ("tilt.cli.evaluate", "add_sample_parser", "sample completions: plain, best-of-N, worst-of-N, quasi-rejection or importance resampling"),
 }
-"""Command -> (module that adds its parser, one-line help)."""
+"""Command -> (module, the function that adds its parser, one-line help)."""
 
 
 def _chosen(argv: list[str]) -> str | None:
@@ -38,9 +39,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = _chosen(argv) if argv is not None else None
-    for name, (module, help_text) in GROUPS.items():
+    for name, (module, adder, help_text) in GROUPS.items():
         if argv is None or name == chosen:
-            importlib.import_module(module).add_parser(sub)
+            getattr(importlib.import_module(module), adder)(sub)
         else:
             sub.add_parser(name, help=help_text)
     return parser

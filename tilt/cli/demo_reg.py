@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 
 from tilt.cli.output import print_json, table
-from tilt.lab import mdp
 
 
 def _ints(text: str) -> list[int]:
@@ -35,14 +33,18 @@ def _floats(text: str) -> list[float]:
 
 
 def _add_world_options(p: argparse.ArgumentParser) -> None:
+    from tilt.runs.config import module_constant
+
+    expert_temperature = module_constant("tilt.lab.mdp", "EXPERT_TEMPERATURE")
+
     g = p.add_argument_group("the MDP")
     g.add_argument("--states", type=int, default=5, help="number of states S (default 5, digest §3(e))")
     g.add_argument("--actions", type=int, default=4, help="number of actions A (default 4)")
     g.add_argument("--horizon", type=int, default=5, help="horizon H (default 5)")
     g.add_argument("--seed", type=int, default=0, help="seed of the MDP and the expert; demonstrations use seeds derived from it (default 0)")
     g.add_argument(
-        "--expert-temperature", type=float, default=mdp.EXPERT_TEMPERATURE,
-        help=f"the expert is softmax(Q*/T) (default {mdp.EXPERT_TEMPERATURE}, digest §3(e))",
+        "--expert-temperature", type=float, default=expert_temperature,
+        help=f"the expert is softmax(Q*/T) (default {expert_temperature}, digest §3(e))",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
@@ -86,6 +88,9 @@ def add_lab_parsers(lab_sub) -> None:
 
 
 def _world(args: argparse.Namespace) -> tuple[mdp.World, dict]:
+    import torch
+    from tilt.lab import mdp
+
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     world = mdp.make_world(args.states, args.actions, args.horizon, seed=args.seed, expert_temperature=args.expert_temperature)
     header = {
@@ -106,6 +111,8 @@ def _check_seeds(seeds: int) -> None:
 
 
 def run_demo_bc(args: argparse.Namespace) -> int:
+    from tilt.lab import mdp
+
     _check_seeds(args.seeds)
     world, report = _world(args)
     result = mdp.bc_rate(world, args.demos, seeds=args.seeds, seed=args.seed)
@@ -127,6 +134,8 @@ def run_demo_bc(args: argparse.Namespace) -> int:
 
 
 def run_demo_rl(args: argparse.Namespace) -> int:
+    from tilt.lab import mdp
+
     if args.lam < 0 or args.demos < 1:
         raise ValueError("--lam must be >= 0 and --demos >= 1")
     world, report = _world(args)
@@ -148,6 +157,8 @@ def run_demo_rl(args: argparse.Namespace) -> int:
 
 
 def run_demo_rlhf(args: argparse.Namespace) -> int:
+    from tilt.lab import mdp
+
     _check_seeds(args.seeds)
     if args.demos < 1:
         raise ValueError("--demos must be >= 1")

@@ -12,17 +12,15 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from tilt.cli.output import fmt, print_json, table
 
 DEFAULT_SAMPLES = 16
 
 
 # --- shared -------------------------------------------------------------------------------------------------------
-def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="PATH", required=True, help="the model: a from_pretrained folder (e.g. RUN/final) or a cached hub id")
-    p.add_argument("--max-new-tokens", type=int, default=32, metavar="T", help="completion length limit in tokens (default 32)")
+def _model_options(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    p.add_argument("--model", metavar="PATH", required=required, help="the model: a from_pretrained folder (e.g. RUN/final) or a cached hub id")
+    p.add_argument("--max-new-tokens", type=int, default=None, metavar="T", help="completion length limit in tokens (default 32)")
     p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same samples (default 0)")
     p.add_argument("--batch-size", type=int, default=64, metavar="B", 
                    help="sequences per sampling call; lower it if memory runs out (default 64)")
@@ -99,11 +97,14 @@ def add_eval_parser(sub) -> None:
         epilog="Example: tilt eval --model runs/r1/final --ref base_model --prompts heldout.jsonl "
         "--reward rewards.py:positivity --samples 16 --json",
     )
-    _model_options(p)
-    p.add_argument("--ref", metavar="PATH", required=True, help="the reference model to compare with (same tokenizer), usually the starting point")
-    p.add_argument("--prompts", metavar="FILE", required=True, help="held-out prompts: JSONL/CSV/Parquet with a 'prompt' (or chat 'messages') column")
+    p.add_argument("run_dir", nargs="?", metavar="RUN", default=None,
+                   help="a run directory of tilt train: its model (RUN/final, else the newest intact checkpoint), reference, "
+                   "reward, prompts and sampling settings, from RUN/config.yaml; the flags below override them")
+    _model_options(p, required=False)
+    p.add_argument("--ref", metavar="PATH", default=None, help="the reference model to compare with (same tokenizer), usually the starting point")
+    p.add_argument("--prompts", metavar="FILE", default=None, help="held-out prompts: JSONL/CSV/Parquet with a 'prompt' (or chat 'messages') column")
     p.add_argument("--limit", type=int, default=0, metavar="P", help="use only the first P prompts (default: all)")
-    p.add_argument("--reward", action="append", required=True, metavar="SPEC",
+    p.add_argument("--reward", action="append", default=None, metavar="SPEC",
                    help="module:function, file.py:function, a reward-model folder, sentiment, length:chars, keywords:a,b, "
                    "regex:PAT, or WEIGHT*SPEC; repeat to sum several")
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, metavar="K", help=f"completions per prompt from each model (default {DEFAULT_SAMPLES})")
@@ -126,6 +127,12 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.record and not Path(args.record).is_dir():  # before any sampling
         raise FileNotFoundError(f"--record: run directory not found: {args.record!r}")
+    if args.run_dir is not None:
+        from_run(args)
+    missing = [name for name in ("model", "ref", "prompts", "reward") if getattr(args, name) is None]
+    if missing:
+        raise ValueError(f"tilt eval needs --{' --'.join(missing)} (or a run directory: tilt eval RUN)")
+    args.max_new_tokens = 32 if args.max_new_tokens is None else args.max_new_tokens
     config = EvalConfig(samples_per_prompt=args.samples, best_of=args.best_of, num_resamples=args.resamples, level=args.level,
                         batch_size=args.batch_size, seed=args.seed, beta=args.beta)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)  # exact sampling: the KL is of the model itself
@@ -166,6 +173,43 @@ def run_eval(args: argparse.Namespace) -> int:
         print(f"  model:     [{fmt(result.policy.rewards[i, 0].item())}] {_short(result.policy.completions[i][0])}")
         print(f"  reference: [{fmt(result.ref.rewards[i, 0].item())}] {_short(result.ref.completions[i][0])}")
     return 0
+
+
+def from_run(args: argparse.Namespace) -> None:
+    """Fill the unset options of ``tilt eval RUN`` from the run: the trained model (RUN/final, else the newest intact
+    checkpoint; a pipeline's RL stage), its reference, reward, prompts and completion length."""
+    from tilt.runs import directory as runs
+
+    run = Path(args.run_dir)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{str(run)!r} is not a run directory of tilt train (no config.yaml)")
+    config = runs.read_config(run)
+    section = config.get("run") or {}
+    if not section:
+        raise ValueError(f"{run}/config.yaml has no run: section (a run of an older tilt): give --model, --ref, --prompts and --reward")
+    pipeline = (run / "stages").is_dir() or config.get("recipe", "").startswith("demo")
+    if args.model is None:
+        if pipeline:
+            model = run / "stages" / "rl"
+        elif (run / "final").is_dir():
+            model = run / "final"
+        else:
+            model, _ = runs.newest_intact_checkpoint(run)
+        if model is None or not Path(model).is_dir():
+            raise FileNotFoundError(f"{run} has no trained model yet (no final/ and no intact checkpoint)")
+        args.model = str(model)
+    if args.ref is None:
+        args.ref = str(run / "stages" / "bc") if pipeline else (section.get("ref") or section.get("model"))
+    if args.prompts is None:
+        args.prompts = section.get("prompts") or None
+    if args.reward is None and section.get("reward"):
+        weights = section.get("reward_weights")
+        specs = list(section["reward"])
+        args.reward = specs if not weights else [f"{w}*{s}" for w, s in zip(weights, specs)]
+    if args.max_new_tokens is None and isinstance(config.get("sampling"), dict):
+        args.max_new_tokens = config["sampling"].get("max_new_tokens")
+    print(f"# tilt eval {run}: model {args.model}, reference {args.ref}, prompts {args.prompts}, reward "
+          f"{args.reward}", file=sys.stderr, flush=True)
 
 
 def record_eval(run_dir: str, report: dict) -> Path:
@@ -255,10 +299,19 @@ def _check_sample_args(args, mode: str) -> None:
         raise ValueError("--ref and --beta only apply to --qrs-beta and --sir")
 
 
-@torch.no_grad()
 def run_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    with torch.no_grad():
+        return _run_sample(args)
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    import torch
+
     from tilt.engine.hf import SamplingConfig
 
+    args.max_new_tokens = 32 if args.max_new_tokens is None else args.max_new_tokens
     mode = _sample_mode(args)
     _check_sample_args(args, mode)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
@@ -292,6 +345,8 @@ def run_sample(args: argparse.Namespace) -> int:
 
 
 def _sample_plain(policy, chunks, n, reward_fn, g, report) -> list[dict]:
+    import torch
+
     from tilt.rewards import score_rewards
 
     report["n"] = n
@@ -306,6 +361,8 @@ def _sample_plain(policy, chunks, n, reward_fn, g, report) -> list[dict]:
 
 def _sample_best_or_worst(policy, chunks, args, mode, reward_fn, g, report) -> list[dict]:
     """--n selections per prompt, each the best (worst) of N fresh samples (tilt.bon)."""
+    import torch
+
     from tilt.bon import best_of_n, worst_of_n
 
     n = args.best_of or args.worst_of
@@ -327,6 +384,8 @@ def _sample_best_or_worst(policy, chunks, args, mode, reward_fn, g, report) -> l
 
 def _sample_posterior(policy, ref, chunks, args, mode, reward_fn, g, report) -> list[dict]:
     """QRS or SIR toward pi* ∝ ref exp(r/beta), with the model as the proposal (tilt.posterior)."""
+    import torch
+
     from tilt.math.importance import effective_sample_size
     from tilt.posterior import qrs_estimates, quasi_rejection_sample, sir_sample
     from tilt.rewards import score_rewards

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-import torch
 
 from tilt.cli.output import print_json, table
-from tilt.infalign import analyze, inference_key, paper_scale_beta, procedure_transform, tune_t
-from tilt.lab.ctrl import CTRL_BATCH, CTRL_LR, CTRL_STEPS, run_ctrl_lab
 
 PROCEDURE_NAMES = {"bon": "best-of-N", "won": "worst-of-N"}
 
@@ -60,6 +57,13 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
+    import torch
+    from tilt.infalign import analyze
+    from tilt.infalign import inference_key
+    from tilt.infalign import paper_scale_beta
+    from tilt.infalign import procedure_transform
+    from tilt.infalign import tune_t
+
     torch.set_num_threads(1)  # vectors of 2^15 points: one thread is fastest
     _check(args)
     t = args.t
@@ -95,6 +99,13 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 
 def run_tune_t(args: argparse.Namespace) -> int:
+    import torch
+    from tilt.infalign import analyze
+    from tilt.infalign import inference_key
+    from tilt.infalign import paper_scale_beta
+    from tilt.infalign import procedure_transform
+    from tilt.infalign import tune_t
+
     torch.set_num_threads(1)
     _check(args)
     tuned = tune_t(args.procedure, args.n, args.kl)
@@ -127,6 +138,10 @@ def run_tune_t(args: argparse.Namespace) -> int:
 
 
 def add_lab_parsers(lab_sub) -> None:
+    from tilt.runs.config import module_constant
+
+    CTRL_BATCH, CTRL_LR, CTRL_STEPS = (module_constant("tilt.lab.ctrl", n) for n in ("CTRL_BATCH", "CTRL_LR", "CTRL_STEPS"))
+
     p = lab_sub.add_parser(
         "ctrl",
         help="calibrate-and-transform RL on one prompt with K tabular responses, inference-time win rate exact",
@@ -151,6 +166,9 @@ def add_lab_parsers(lab_sub) -> None:
 
 
 def run_ctrl_command(args: argparse.Namespace) -> int:
+    import torch
+    from tilt.lab.ctrl import run_ctrl_lab
+
     torch.set_num_threads(1)  # tiny tabular ops: more threads only add contention
     report = run_ctrl_lab(
         responses=args.responses,

@@ -9,133 +9,18 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-from scipy.optimize import brentq
-from tqdm import tqdm
 
-from tilt.cli.lab import LAB_LR, add_training_options, add_world_options
 from tilt.cli.output import print_json, table
-from tilt.gdc import fit_coefficients, fit_target, pointwise_target
-from tilt.lab.tabular import TabularPolicy, random_tabular_policy
-from tilt.lab.world import TableReward, exact_report, reward_table
-from tilt.math import exact, importance
-from tilt.math.fdiv import DIVERGENCES
-from tilt.posterior import qrs_estimates, qrs_exact, quasi_rejection_sample
-from tilt.recipes import dpg
-from tilt.recipes.common import derive_seed
-from tilt.target import TiltedTarget
-
-EVAL_SAMPLES = 1024
-"""Fresh policy samples per context behind the importance-sampled estimates printed after training."""
-
-
-def _threads() -> None:
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-
-
-def lab_target(ref: TabularPolicy, rewards: torch.Tensor, beta: float, evidence: str) -> TiltedTarget:
-    """pi_ref exp(r/beta) (``evidence="tilt"``) or pi_ref * r for a 0/1 reward (``evidence="filter"``)."""
-    reward = TableReward(rewards, ref.vocab, ref.length)
-    if evidence == "filter":
-        return pointwise_target(ref, reward)
-    if evidence != "tilt":
-        raise ValueError(f"evidence must be 'tilt' or 'filter', got {evidence!r}")
-    return TiltedTarget(ref=ref, reward=reward, beta=beta)
-
-
-@torch.no_grad()
-def target_report(policy: TabularPolicy, ref: TabularPolicy, rewards: torch.Tensor, beta: float, target: TiltedTarget) -> dict:
-    """``tilt.lab.world.exact_report``, with every quantity about the target taken from ``target`` (so a filtered
-    posterior is reported against itself, not against pi_ref exp(r/beta))."""
-    report = exact_report(policy, ref, rewards, beta)
-    ex = target.exact(ref.enumerate())
-    logp = policy.support_logprobs()
-    report.update(
-        kl_target_policy=exact.kl(ex.log_probs, logp).item(),
-        kl_policy_target=exact.kl(logp, ex.log_probs).item(),
-        target_entropy=exact.entropy(ex.log_probs).item(),
-        target_expected_reward=exact.expectation(ex.log_probs, rewards).item(),
-        log_z=ex.log_z.mean().item(),
-    )
-    return report
-
-
-@torch.no_grad()
-def sampled_diagnostics(policy: TabularPolicy, target: TiltedTarget, n: int, seed: int) -> dict:
-    """Importance-sampled estimates (``tilt.math.importance.diagnostics``) from n fresh samples of the policy per context."""
-    g = torch.Generator().manual_seed(derive_seed(seed, "eval"))
-    rollout = policy.sample(list(range(policy.contexts)), n, generator=g)
-    log_pi = rollout.sample_seq_logprobs.view(policy.contexts, n)
-    log_p = target.log_weight(rollout).view(policy.contexts, n)
-    return importance.diagnostics(log_p, log_pi, log_pi)
 
 
 # --- tilt lab dpg -------------------------------------------------------------------------------------------------
-def run_dpg_lab(
-    *,
-    vocab: int = 3,
-    length: int = 3,
-    contexts: int = 1,
-    reward: str = "count:2",
-    reward_seed: int = 0,
-    beta: float = 0.3,
-    seed: int = 0,
-    steps: int = 3000,
-    batch: int = 64,
-    lr: float = LAB_LR,
-    optimizer: str = "adamw",
-    lr_schedule: str = "linear",
-    mode: str = "on-policy",
-    divergence: str = "forward-kl",
-    evidence: str = "tilt",
-    baseline: str = "loo",
-    eval_samples: int = EVAL_SAMPLES,
-    progress: bool = False,
-) -> dict:
-    """Train a tabular policy from the reference with ``dpg.train``; report exact quantities (the keys of
-    ``tilt lab kl-rl``) and importance-sampled estimates of the same divergences (``is_*``)."""
-    if batch % contexts:
-        raise ValueError(f"--batch {batch} must be a multiple of --contexts {contexts}")
-    ref = random_tabular_policy(vocab, length, contexts, seed=seed)
-    policy = ref.copy()
-    rewards = reward_table(reward, vocab, length, contexts, reward_seed=reward_seed)
-    target = lab_target(ref, rewards, beta, evidence)
-    config = dpg.DPGConfig(
-        mode=mode,
-        divergence=divergence,
-        baseline=baseline,
-        steps=steps,
-        prompts_per_step=contexts,
-        samples_per_prompt=batch // contexts,
-        lr=lr,
-        optimizer=optimizer,
-        lr_schedule=lr_schedule,
-        diagnostics_interval=0,
-        seed=seed,
-    )
-    bar = tqdm(total=steps, desc=f"lab dpg ({mode}, {divergence})", unit="step", disable=not progress)
-    start = time.perf_counter()
-    _, state = dpg.train(config, policy, target, list(range(contexts)), on_step=lambda s, m: bar.update())
-    bar.close()
-    seconds = time.perf_counter() - start
-    report = target_report(policy, ref, rewards, beta, target)
-    report.update({f"is_{k}": v for k, v in sampled_diagnostics(policy, target, eval_samples, seed).items()})
-    report.update(
-        steps=steps,
-        seconds=round(seconds, 3),
-        support=vocab**length,
-        beta=beta,
-        trained_beta=beta if evidence == "tilt" else None,
-        mode=mode,
-        divergence=divergence,
-        evidence=evidence,
-        proposal_updates=state.proposal_updates,
-    )
-    return report
 
 
 def run_dpg_command(args: argparse.Namespace) -> int:
-    _threads()
+    from tilt.lab.drivers import lab_threads
+    from tilt.lab.drivers import run_dpg_lab
+
+    lab_threads()
     if args.ppo_epochs != 1 or args.kl_penalty != "reward" or args.kl_estimator != "k1":
         raise ValueError("--ppo-epochs, --kl-penalty and --kl-estimator belong to kl-rl; DPG takes --divergence instead")
     report = run_dpg_lab(
@@ -182,57 +67,13 @@ def run_dpg_command(args: argparse.Namespace) -> int:
 
 
 # --- tilt lab qrs -------------------------------------------------------------------------------------------------
-def run_qrs_lab(
-    *,
-    vocab: int = 3,
-    length: int = 3,
-    contexts: int = 1,
-    reward: str = "count:2",
-    reward_seed: int = 0,
-    beta: float = 0.3,
-    seed: int = 0,
-    qrs_beta: float = 1.0,
-    samples: int = 20000,
-    evidence: str = "tilt",
-) -> dict:
-    """QRS with proposal pi_ref toward the lab's target: exact quantities and their estimates from ``samples``
-    candidates per context, and the TV between the accepted samples' histogram and the exact p_beta."""
-    ref = random_tabular_policy(vocab, length, contexts, seed=seed)
-    rewards = reward_table(reward, vocab, length, contexts, reward_seed=reward_seed)
-    target = lab_target(ref, rewards, beta, evidence)
-    ex = target.exact(ref.enumerate())
-    ref_logp = ref.support_logprobs().detach()
-    q = qrs_exact(ex.log_weights, ref_logp, qrs_beta=qrs_beta)
-    g = torch.Generator().manual_seed(derive_seed(seed, "qrs"))
-    cand = quasi_rejection_sample(target, list(range(contexts)), samples, qrs_beta=qrs_beta, generator=g)
-    est = qrs_estimates(cand.log_weights.view(contexts, samples), qrs_beta=qrs_beta)
-    codes = ref.sequence_code(cand.rollout.completion_ids) + torch.as_tensor(cand.rollout.prompts) * vocab**length
-    counts = torch.bincount(codes[cand.keep], minlength=contexts * vocab**length).view(contexts, -1).double()
-    hist = counts / counts.sum(-1, keepdim=True).clamp(min=1)
-    return {
-        "qrs_beta": qrs_beta,
-        "acceptance_rate": q.acceptance_rate,
-        "tv": q.tv,
-        "kl_target_sampler": q.kl_target_sampler,
-        "kl_sampler_target": q.kl_sampler_target,
-        "max_weight": (ex.log_weights - ref_logp).exp().amax().item(),
-        "log_z": ex.log_z.mean().item(),
-        "acceptance_rate_estimate": est["acceptance_rate"].mean().item(),
-        "acceptance_rate_estimate_stderr": (est["acceptance_rate_stderr"].square().sum().sqrt() / contexts).item(),
-        "tv_estimate": est["tv"].mean().item(),
-        "kl_target_sampler_estimate": est["kl_target_sampler"].mean().item(),
-        "accepted": int(cand.keep.sum()),
-        "samples": samples * contexts,
-        "accepted_tv_sampler": 0.5 * (hist - q.log_probs.exp()).abs().sum(-1).mean().item(),
-        "accepted_tv_target": 0.5 * (hist - ex.log_probs.exp()).abs().sum(-1).mean().item(),
-        "support": vocab**length,
-        "beta": beta,
-        "evidence": evidence,
-    }
 
 
 def run_qrs_command(args: argparse.Namespace) -> int:
-    _threads()
+    from tilt.lab.drivers import lab_threads
+    from tilt.lab.drivers import run_qrs_lab
+
+    lab_threads()
     report = run_qrs_lab(
         vocab=args.vocab, length=args.length, contexts=args.contexts, reward=args.reward, reward_seed=args.reward_seed,
         beta=args.beta, seed=args.seed, qrs_beta=args.qrs_beta, samples=args.samples, evidence=args.evidence,
@@ -254,54 +95,13 @@ def run_qrs_command(args: argparse.Namespace) -> int:
 
 
 # --- tilt lab gdc -------------------------------------------------------------------------------------------------
-def run_gdc_lab(
-    *,
-    vocab: int = 3,
-    length: int = 3,
-    contexts: int = 1,
-    seed: int = 0,
-    features: tuple[str, ...] = ("contains:2",),
-    moments: tuple[float, ...] = (0.5,),
-    samples: int = 512,
-    sample_seed: int = 0,
-) -> dict:
-    """Fit the I-projection of a random reference under E[phi] = mu from ``samples`` reference samples per context,
-    and compare with the exact coefficient (a 1-D root when there is one feature) and the moment it achieves."""
-    ref = random_tabular_policy(vocab, length, contexts, seed=seed)
-    tables = [reward_table(spec, vocab, length, contexts) for spec in features]
-    feature_fns = [TableReward(t, vocab, length) for t in tables]
-    g = torch.Generator().manual_seed(derive_seed(sample_seed, "gdc"))
-    target, fit = fit_target(ref, feature_fns, moments, list(range(contexts)), generator=g, n_samples=samples)
-    ref_logp = ref.support_logprobs().detach()  # (C, N)
-    phi = torch.stack(tables, -1)  # (C, N, F)
-    ex = target.exact(ref.enumerate())
-    achieved = torch.einsum("cn,cnf->f", ex.log_probs.exp(), phi) / contexts
-    if len(features) == 1:
-        def gap(lam: float) -> float:
-            w = torch.softmax(ref_logp + lam * phi[..., 0], -1)
-            return ((w * phi[..., 0]).sum(-1).mean() - moments[0]).item()
-        exact_coefficients = [brentq(gap, -50.0, 50.0, xtol=1e-12)]
-    else:
-        exact_coefficients = fit_coefficients(phi, ref_logp, torch.tensor(list(moments)), tolerance=1e-10).coefficients.tolist()
-    one = len(features) == 1
-    coefficients = fit.coefficients.tolist()
-    return {
-        "coefficient": coefficients[0] if one else coefficients,
-        "coefficient_stderr": fit.stderr.tolist()[0] if one else fit.stderr.tolist(),
-        "exact_coefficient": exact_coefficients[0] if one else exact_coefficients,
-        "moment": achieved.tolist()[0] if one else achieved.tolist(),
-        "target_moment": moments[0] if one else list(moments),
-        "sample_moment": fit.moments.tolist()[0] if one else fit.moments.tolist(),
-        "ref_moment": (torch.einsum("cn,cnf->f", ref_logp.exp(), phi) / contexts).tolist()[0 if one else slice(None)],
-        "kl_ref": exact.kl(ex.log_probs, ref_logp).item(),
-        "iterations": fit.iterations,
-        "samples": samples,
-        "support": vocab**length,
-    }
 
 
 def run_gdc_command(args: argparse.Namespace) -> int:
-    _threads()
+    from tilt.lab.drivers import lab_threads
+    from tilt.lab.drivers import run_gdc_lab
+
+    lab_threads()
     if len(args.feature) != len(args.moment):
         raise ValueError(f"give one --moment per --feature ({len(args.feature)} features, {len(args.moment)} moments)")
     report = run_gdc_lab(
@@ -330,6 +130,12 @@ def _evidence_option(p: argparse.ArgumentParser) -> None:
 
 
 def add_lab_parsers(lab_sub) -> None:
+    from tilt.runs.config import module_constant
+
+    EVAL_SAMPLES = module_constant("tilt.lab.drivers", "EVAL_SAMPLES")
+    from tilt.cli.lab import add_training_options
+    from tilt.cli.lab import add_world_options
+
     p = lab_sub.add_parser(
         "dpg",
         help="distribution matching (DPG, KL-adaptive DPG, f-divergences) toward pi*, checked against the exact target",
@@ -339,8 +145,8 @@ def add_lab_parsers(lab_sub) -> None:
     add_world_options(p)
     add_training_options(p)
     g = p.add_argument_group("distribution matching")
-    g.add_argument("--mode", choices=list(dpg.MODES), default="on-policy", help="on-policy (q = pi) or adaptive (frozen proposal) (default on-policy)")
-    g.add_argument("--divergence", choices=list(DIVERGENCES), default="forward-kl", help="the f-divergence D(pi || pi*) minimised (default forward-kl)")
+    g.add_argument("--mode", choices=list(module_constant("tilt.recipes.dpg", "MODES")), default="on-policy", help="on-policy (q = pi) or adaptive (frozen proposal) (default on-policy)")
+    g.add_argument("--divergence", choices=module_constant("tilt.math.fdiv", "DIVERGENCES"), default="forward-kl", help="the f-divergence D(pi || pi*) minimised (default forward-kl)")
     g.add_argument("--baseline", choices=["loo", "none"], default="loo", help="loo: leave-one-out baseline; none: GDC++ for forward-kl (default loo)")
     g.add_argument("--eval-samples", type=int, default=EVAL_SAMPLES, help=f"fresh samples behind the is_* estimates (default {EVAL_SAMPLES})")
     _evidence_option(g)

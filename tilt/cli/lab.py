@@ -7,18 +7,8 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-from tqdm import tqdm
 
 from tilt.cli.output import print_json, table
-from tilt.lab.tabular import random_tabular_policy
-from tilt.lab.world import TableReward, exact_report, reward_table
-from tilt.recipes import kl_rl
-
-LAB_LR = 0.05
-"""Adam on the logits with lr 0.05 decayed linearly to 0: a sweep over V in {2,3,4}, L in {3,4,8}, beta in
-{0.05 .. 1} and random rewards reached KL(pi*||pi) < 1e-3 in 3000 steps of batch 64 in every case (see
-docs/kl_rl.md). The digest's SGD at lr 0.5 (§2(e) E1.2) does not at beta 0.1 or with 256 sequences."""
 
 
 def add_world_options(p: argparse.ArgumentParser) -> None:
@@ -33,6 +23,10 @@ def add_world_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_training_options(p: argparse.ArgumentParser) -> None:
+    from tilt.runs.config import module_constant
+
+    LAB_LR = module_constant("tilt.lab.drivers", "LAB_LR")
+
     g = p.add_argument_group("training")
     g.add_argument("--steps", type=int, default=3000, help="optimisation steps (default 3000)")
     g.add_argument("--batch", type=int, default=64, help="samples per step, split evenly over contexts (default 64)")
@@ -77,58 +71,10 @@ def add_parser(sub) -> None:
     preference.add_lab_parsers(lab_sub)
 
 
-def run_kl_rl_lab(
-    *,
-    vocab: int = 3,
-    length: int = 3,
-    contexts: int = 1,
-    reward: str = "count:2",
-    reward_seed: int = 0,
-    beta: float = 0.3,
-    seed: int = 0,
-    steps: int = 3000,
-    batch: int = 64,
-    lr: float = LAB_LR,
-    optimizer: str = "adamw",
-    lr_schedule: str = "linear",
-    ppo_epochs: int = 1,
-    kl_penalty: str = "reward",
-    kl_estimator: str = "k1",
-    pure: bool = False,
-    progress: bool = False,
-) -> dict:
-    """Train a tabular policy from the reference with ``kl_rl.train`` and report exact quantities."""
-    if batch % contexts:
-        raise ValueError(f"--batch {batch} must be a multiple of --contexts {contexts}")
-    ref = random_tabular_policy(vocab, length, contexts, seed=seed)
-    policy = ref.copy()
-    rewards = reward_table(reward, vocab, length, contexts, reward_seed=reward_seed)
-    config = kl_rl.KLRLConfig(
-        beta=0.0 if pure else beta,
-        steps=steps,
-        prompts_per_step=contexts,
-        samples_per_prompt=batch // contexts,
-        lr=lr,
-        optimizer=optimizer,
-        lr_schedule=lr_schedule,
-        ppo_epochs=ppo_epochs,
-        kl_penalty=kl_penalty,
-        kl_estimator=kl_estimator,
-        seed=seed,
-    )
-    bar = tqdm(total=steps, desc="lab kl-rl", unit="step", disable=not progress)
-    start = time.perf_counter()
-    kl_rl.train(config, policy, ref, TableReward(rewards, vocab, length), list(range(contexts)), on_step=lambda s, m: bar.update())
-    bar.close()
-    report = exact_report(policy, ref, rewards, beta if beta > 0 else 0.0)
-    if pure:
-        argmax_mass = (policy.support_logprobs().exp() * (rewards == rewards.amax(-1, keepdim=True))).sum(-1).mean()
-        report["argmax_mass"] = argmax_mass.item()
-    report.update(steps=steps, seconds=round(time.perf_counter() - start, 3), support=vocab**length, beta=beta, trained_beta=config.beta)
-    return report
-
-
 def run_kl_rl_command(args: argparse.Namespace) -> int:
+    import torch
+    from tilt.lab.drivers import run_kl_rl_lab
+
     torch.set_num_threads(1)  # a table of logits: threads only add overhead
     report = run_kl_rl_lab(
         vocab=args.vocab,

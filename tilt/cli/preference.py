@@ -4,16 +4,18 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
 
 from tilt.cli.output import print_json, table
-from tilt.lab.bandit import METHODS, BanditConfig, run_bandit_methods, summarise
 
 DEFAULT_ALPHA = 0.01
 """XPO's alpha in the lab: 0.01 solved 9/10 seeds at epsilon 1e-3 in digest §4(e); 0.1 and 1 solved none."""
 
 
 def add_lab_parsers(lab_sub) -> None:
+    from tilt.runs.config import module_constant
+
+    METHODS = module_constant("tilt.lab.bandit", "METHODS")
+
     p = lab_sub.add_parser(
         "xpo-bandit",
         help="XPO vs online DPO in a K-armed bandit with a poorly covered best arm (exact J_beta per round)",
@@ -40,6 +42,9 @@ def add_lab_parsers(lab_sub) -> None:
 
 
 def bandit_configs(args: argparse.Namespace) -> list[BanditConfig]:
+    from tilt.lab.bandit import BanditConfig
+    from tilt.lab.bandit import METHODS
+
     methods = list(METHODS) if args.method == "all" else [args.method]
     configs = []
     for method in methods:
@@ -55,6 +60,10 @@ def bandit_configs(args: argparse.Namespace) -> list[BanditConfig]:
 
 
 def run_xpo_bandit_command(args: argparse.Namespace) -> int:
+    import torch
+    from tilt.lab.bandit import run_bandit_methods
+    from tilt.lab.bandit import summarise
+
     torch.set_num_threads(1)  # (R, K, K) tensors: thread start-up costs more than it saves
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")

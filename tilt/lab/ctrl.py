@@ -40,7 +40,7 @@ from tilt.recipes import kl_rl
 from tilt.recipes.common import derive_seed
 
 CTRL_LR = 0.05
-"""Adam on the logits, lr 0.05 decayed linearly to 0, as the lab's KL-RL default (tilt.cli.lab.LAB_LR)."""
+"""Adam on the logits, lr 0.05 decayed linearly to 0, as the lab's KL-RL default (tilt.lab.drivers.LAB_LR)."""
 CTRL_STEPS = 2000
 CTRL_BATCH = 64
 TRANSFORMS = ("identity", "raw", "exp")
