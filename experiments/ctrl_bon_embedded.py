@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from tilt.cli.demo import demo_prompts
+from tilt.pipelines.demo import demo_prompts
 from tilt.cli.output import table
 from tilt.engine.hf import HFPolicy, SamplingConfig
 from tilt.engine.loading import load_model_and_tokenizer

@@ -17,6 +17,10 @@ RECIPE_SECTION = {c: list(cfg.section_specs(c))[1] for c in COMMANDS}
 LR_SECTION = {**RECIPE_SECTION, "demo-rl": "rl", "demo-rlhf": "rl"}
 
 
+def invocation(command: str) -> list[str]:
+    return ["demo"] if command == "demo" else ["train", command]
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_fields_read_from_source_equal_the_imported_dataclasses(command):
     for section in cfg.COMMANDS[command]:
@@ -120,22 +124,22 @@ def test_bad_yaml_is_one_error_with_exit_2_and_no_run_directory(command, tmp_pat
     bad = tmp_path / "bad.yaml"
     bad.write_text("run:\n  model: [unclosed\n")
     run = tmp_path / "run"
-    assert main(["train", command, "--config", str(bad), "--run-dir", str(run)]) == 2
+    assert main([*invocation(command), "--config", str(bad), "--run-dir", str(run)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"tilt: error: {bad}, line 3, column 1: not valid YAML: expected ',' or ']', but got '<stream end>'"]
     assert not run.exists()
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
-    assert main(["train", command, "--config", str(tmp_path / "list.yaml"), "--run-dir", str(run)]) == 2
+    assert main([*invocation(command), "--config", str(tmp_path / "list.yaml"), "--run-dir", str(run)]) == 2
     assert "must hold a mapping" in capsys.readouterr().err and not run.exists()
     (tmp_path / "key.yaml").write_text("run:\n  modle: x\n")
-    assert main(["train", command, "--config", str(tmp_path / "key.yaml"), "--run-dir", str(run)]) == 2
+    assert main([*invocation(command), "--config", str(tmp_path / "key.yaml"), "--run-dir", str(run)]) == 2
     assert "unknown config key 'run.modle'; did you mean 'run.model'?" in capsys.readouterr().err and not run.exists()
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_help_shows_each_default(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", command, "--help"])
+        main([*invocation(command), "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     for section, specs in cfg.section_specs(command).items():
@@ -146,7 +150,8 @@ def test_every_help_shows_each_default(command, capsys):
 
 def test_help_imports_neither_torch_nor_transformers():
     code = ("import sys\nfrom tilt.cli import main\n"
-            "for argv in (['--help'], ['train', '--help'], ['train', 'kl-rl', '--help'], ['train', 'demo-rlhf', '--help']):\n"
+            "for argv in (['--help'], ['train', '--help'], ['train', 'kl-rl', '--help'], ['train', 'demo-rlhf', '--help'],\n"
+            "             ['demo', '--help'], ['lab', '--help'], ['lab', 'dpg', '--help'], ['eval', '--help'], ['infalign', '--help']):\n"
             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
             "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(Path(__file__).parents[1]),

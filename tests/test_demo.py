@@ -4,7 +4,7 @@ import json
 import pytest
 
 from tilt.cli import main
-from tilt.cli.demo import demo_prompts
+from tilt.pipelines.demo import demo_prompts
 from tilt.engine.tiny import char_tokenizer, tiny_gpt2
 
 
