@@ -41,7 +41,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     chosen = _chosen(argv) if argv is not None else None
     for name, (module, adder, help_text) in GROUPS.items():
         if argv is None or name == chosen:
-            getattr(importlib.import_module(module), adder)(sub)
+            adder_fn = getattr(importlib.import_module(module), adder)
+            adder_fn(sub, argv) if name == "train" else adder_fn(sub)
         else:
             sub.add_parser(name, help=help_text)
     return parser

@@ -41,12 +41,18 @@ RESUMABLE = ("run.checkpoint_every", "run.keep_checkpoints", "run.sample_every",
 """Run fields ``--resume`` may change (with the recipe's ``steps``): none alters the steps already taken."""
 
 
-def add_parser(sub) -> None:
+def add_parser(sub, argv: list[str] | None = None) -> None:
+    """Add ``tilt train``; with ``argv``, only the named command's parser is built in full (its help reads every
+    config class's source), the others by name."""
     train = sub.add_parser("train", help="train a model from a YAML config, in a run directory you can stop and resume",
                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     train_sub = train.add_subparsers(dest="recipe", metavar="RECIPE", required=True)
+    named = [t for t in (argv or []) if t in SUMMARIES]
     for command in SUMMARIES:
-        add_command_parser(train_sub, command)
+        if argv is None or (named and named[0] == command):
+            add_command_parser(train_sub, command)
+        else:
+            train_sub.add_parser(command, help=SUMMARIES[command])
 
 
 def add_command_parser(train_sub, command: str) -> argparse.ArgumentParser:
