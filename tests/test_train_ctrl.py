@@ -195,3 +195,35 @@ def test_bad_calibration_input_leaves_no_run_directory(world, tmp_path, capsys):
     broken = {"transform": "identity", "calibration_cache": str(tmp_path / "broken.json")}
     assert main(["train", "kl-rl", "--config", write_config(world, "bad", broken), "--run-dir", str(run)]) == 2
     assert "not a readable calibration file" in capsys.readouterr().err and not run.exists()
+
+
+STOPPING_REWARD = """import os, signal
+
+CALLS = [0]
+
+
+def vowels(prompts, completions):
+    CALLS[0] += 1
+    if str(CALLS[0]) == os.environ.get("STOP_AT_REWARD_CALL"):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return [float(sum(ch in "aeiou" for ch in c)) for c in completions]
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_calibration_stops_cleanly_and_the_resume_reproduces_the_run(world, tmp_path, monkeypatch, capsys):
+    reward = tmp_path / "reward.py"
+    reward.write_text(STOPPING_REWARD)
+    calibration = {"transform": "identity", "calibration_samples": M}
+    config = write_config(world, "stop", calibration, reward=f"{reward}:vowels")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    assert main(["train", "kl-rl", "--config", config, "--run-dir", str(whole)]) == 0
+    monkeypatch.setenv("STOP_AT_REWARD_CALL", "2")  # call 1: the step-0 samples; call 2: scoring the calibration
+    assert main(["train", "kl-rl", "--config", config, "--run-dir", str(cut)]) == 143
+    err = capsys.readouterr().err
+    assert "calibration" in err and f"# continue with: tilt train kl-rl --resume {cut}" in err
+    assert (cut / "calibration.json").is_file() and runs.list_checkpoints(cut) == []
+    monkeypatch.delenv("STOP_AT_REWARD_CALL")
+    assert main(["train", "kl-rl", "--resume", str(cut)]) == 0
+    assert (cut / "metrics.jsonl").read_bytes() == (whole / "metrics.jsonl").read_bytes()
+    assert (cut / "calibration.json").read_bytes() == (whole / "calibration.json").read_bytes()
