@@ -162,3 +162,19 @@ def test_a_second_writer_is_refused_and_changed_inputs_need_accepting(world, tmp
     assert "config.dpo.beta" in err and "--accept-changes" in err
     assert main(["train", "dpo", "--resume", str(run), "--accept-changes", "beta", "--json"]) == 0
     assert runs.read_fingerprint(run)["inputs"]["config"]["values"]["dpo.beta"] == 0.7  # accepted: the run's input now
+
+
+@pytest.mark.slow
+def test_tilt_eval_reads_the_run_model_reference_reward_prompts_and_sampling(world, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "kl-rl", "--config", str(world / "kl-rl.yaml"), "--run-dir", str(run), "--steps", "2",
+                 "--max_new_tokens", "3"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run), "--samples", "2", "--resamples", "20", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == str(run / "final") and report["ref"] == str(world / "model")
+    assert report["reward"] == "regex:[aeiou]" and report["max_new_tokens"] == 3 and report["prompts"] == 4
+    assert main(["eval", str(run), "--samples", "2", "--resamples", "20", "--reward", "regex:b", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["reward"] == "regex:b"  # a flag overrides the run's setting
+    assert main(["eval", str(tmp_path), "--json"]) == 2
+    assert "not a run directory" in capsys.readouterr().err
