@@ -50,7 +50,7 @@ def run_demo(args: argparse.Namespace) -> int:
     config = cfg.resolve("demo", from_file, flags, base_dir=Path(args.config).resolve().parent if args.config else None,
                          where=str(args.config or "command line"))
     sections = cfg.build(config)
-    from tilt.cli.train import quiet_transformers
+    from tilt.runs.setup import quiet_transformers
 
     quiet_transformers()
     from tilt.runs.loop import Signals

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 
-
 from tilt.cli.output import print_json, table
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-
 from tilt.cli.output import print_json, table
 
 PROCEDURE_NAMES = {"bon": "best-of-N", "won": "worst-of-N"}

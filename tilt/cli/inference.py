@@ -7,9 +7,8 @@
 from __future__ import annotations
 
 import argparse
-import time
 
-
+from tilt.cli.lab_options import add_training_options, add_world_options
 from tilt.cli.output import print_json, table
 
 
@@ -133,8 +132,6 @@ def add_lab_parsers(lab_sub) -> None:
     from tilt.runs.config import module_constant
 
     EVAL_SAMPLES = module_constant("tilt.lab.drivers", "EVAL_SAMPLES")
-    from tilt.cli.lab import add_training_options
-    from tilt.cli.lab import add_world_options
 
     p = lab_sub.add_parser(
         "dpg",

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import time
 
-
 from tilt.cli.output import print_json, table
 
 DEFAULT_ALPHA = 0.01

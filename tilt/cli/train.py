@@ -21,7 +21,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from tilt.cli.output import print_json, run_parsed
+from tilt.cli.output import print_json
 from tilt.runs.loop import EXIT_FAILED, EXIT_SIGNAL  # noqa: F401 - the exit codes of tilt train
 
 SUMMARIES = {
@@ -134,6 +134,8 @@ def run_train(args: argparse.Namespace) -> int:
     command = args.train_command
     config, run_dir, repeat = resolve_for(args)
     sections = cfg.build(config)  # every section checks its values before anything is loaded
+    from tilt.runs.setup import quiet_transformers
+
     quiet_transformers()
     from tilt.runs import directory as runs
 
@@ -180,13 +182,6 @@ def check_inputs(command: str, run_dir: Path, config: dict, accept_text: str, *,
     if changed or accept or saved is None:
         runs.write_atomic(run_dir / "config.yaml", runs.dump_config(config))
         runs.save_fingerprint(run_dir, current)
-
-
-def quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # one progress bar (the run's), not one per file transformers reads or writes
-    hf_logging.set_verbosity_error()  # a reward model's new scalar head is expected to be missing from the backbone
 
 
 def print_summary(summary: dict) -> None:

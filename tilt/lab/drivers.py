@@ -15,7 +15,6 @@ from tilt.gdc import fit_coefficients, fit_target, pointwise_target
 from tilt.lab.tabular import TabularPolicy, random_tabular_policy
 from tilt.lab.world import TableReward, exact_report, reward_table
 from tilt.math import exact, importance
-from tilt.math.fdiv import DIVERGENCES
 from tilt.posterior import qrs_estimates, qrs_exact, quasi_rejection_sample
 from tilt.recipes import dpg, kl_rl
 from tilt.recipes.common import derive_seed

@@ -1,0 +1,390 @@
+"""Every ``tilt train`` command as a thin assembly over the run layer: check the inputs, build model, reference,
+reward and data (``tilt.runs.setup``), create or reopen the run directory, hand the recipe's ``train`` to the run
+loop (``tilt.runs.loop.RunLoop``), and return the summary (or the exit code of a run that stopped early).
+
+Every assembly has the signature ``(config, sections, run_dir, *, resume, signals, resume_flags)``: ``config`` is
+the resolved nested dict (RUN/config.yaml), ``sections`` its dataclasses (``tilt.runs.config.build``). Nothing
+is written before every check that bad input can fail has passed.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from tilt.runs import directory as runs
+from tilt.runs.loop import PhaseProgress, RunLoop, Signals, Stop, progress_or_stop
+from tilt.runs.setup import (build_reward, check_models, draw_samples, final_model, first_samples, load_policy_and_ref,
+                             restore)
+
+BEFORE_FILE = "before.json"
+"""RUN/before.json: metrics measured on the initial model, kept so that a resumed run's summary reports them."""
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _open(run_dir: Path, config: dict, resume: bool, initial: Sequence[dict] = (), before: dict | None = None, *,
+          stack=None) -> Path:
+    """The run directory: reopened on resume (its lock is already held), else created with its config, the
+    fingerprint of its inputs and the step-0 samples, then locked for the rest of the run (``stack``)."""
+    if resume:
+        runs.clear_failed(run_dir)
+        return run_dir
+    from tilt.runs.setup import run_fingerprint
+
+    run = runs.create_run(run_dir, config, list(initial), fingerprint=run_fingerprint(config))
+    if stack is not None:
+        stack.enter_context(runs.lock_run(run))
+    if before is not None:
+        runs.write_atomic(run / BEFORE_FILE, json.dumps(before) + "\n")
+    return run
+
+
+def _before(run: Path) -> dict:
+    path = run / BEFORE_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _prompts(path: str, data_config, tokenizer) -> list:
+    from tilt.data import load_data
+
+    return [row["prompt"] for row in load_data(path, data_config, tokenizer=tokenizer).rows]
+
+
+def _save_fn(run: Path, policy_model, tokenizer, optimizer, keep: int, extra_fn):
+    def save(step: int) -> None:
+        runs.save_checkpoint(run, step, policy_model(), tokenizer, optimizer, keep=keep, extra=extra_fn())
+    return save
+
+
+# --- kl-rl ------------------------------------------------------------------------------------------------------------
+def train_kl_rl(config: dict, secs: dict, run_dir: Path, *, resume: bool, signals: Signals, resume_flags=(),
+                stack=None) -> int | dict:
+    from tilt import distributed
+    from tilt.recipes import kl_rl
+    from tilt.recipes.common import build_optimizer
+    from tilt.runs.calibration import CALIBRATION_FILE, calibrated_reward_for_run, calibration_fingerprint, check_calibration_cache
+
+    run, cfg, sampling, calibration, lora = secs["run"], secs["kl_rl"], secs["sampling"], secs["calibration"], secs["lora"]
+    run.require("kl-rl", ("model", "reward", "prompts"))
+    distributed.init()  # under torchrun (WORLD_SIZE > 1) only
+    main_rank = distributed.is_main()
+    runs.check_tracker(run.tracker)
+    check_calibration_cache(calibration)
+    check_models(run)
+    checkpoint, start = runs.prepare_resume(run_dir) if resume else (None, 0)
+    policy, ref, tokenizer = load_policy_and_ref(run, lora, sampling, checkpoint)
+    reward_fn = build_reward(run)
+    prompts = _prompts(run.prompts, secs["data"], tokenizer)
+    initial = first_samples(policy, reward_fn, prompts, run.sample_prompts, cfg.seed) if not resume and main_rank else []
+    out = _open(run_dir, config, resume, initial, stack=stack) if main_rank else run_dir
+    distributed.barrier()
+    policy.model = distributed.wrap_ddp(distributed.replicate(policy.model))
+    optimizer = build_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad], cfg.lr)
+    steps = kl_rl.num_steps(cfg)
+    restore(checkpoint, optimizer, steps, start, main_rank=main_rank)
+    tracker = runs.open_tracker(run.tracker if main_rank else "none", out, config)
+    ctrl: dict[str, Any] = {"reward": None}
+
+    def extra(metrics: dict) -> dict:
+        if ctrl["reward"] is None:
+            return metrics
+        raw_sum, calibrated_sum, count = distributed.all_sum(ctrl["reward"].take_sums())
+        return {**metrics, "reward_raw": raw_sum / count, "reward_calibrated": calibrated_sum / count}
+
+    loop = RunLoop("kl-rl", out, steps=steps, start=start, signals=signals, tracker=tracker, main_rank=main_rank,
+                   save=_save_fn(out, lambda: distributed.unwrap(policy.model), tokenizer, optimizer, run.keep_checkpoints,
+                                 lambda: {"recipe": "kl-rl"}) if main_rank else (lambda step: None),
+                   checkpoint_every=run.checkpoint_every, sample_every=run.sample_every,
+                   sample=lambda step: draw_samples(policy, reward_fn, prompts, run.sample_prompts, cfg.seed, step),
+                   extra=extra, shown=("reward", "kl_ref"), resume_flags=resume_flags, barrier=distributed.barrier)
+    train_reward = reward_fn
+    if calibration.active:  # CTRL: the recipe trains on Phi(C); samples.jsonl keeps the raw reward
+        from tilt.infalign import distinct_prompts
+
+        counted = PhaseProgress(ref, calibration.calibration_samples * len(distinct_prompts(prompts)), "calibration", signals, start)
+        try:  # the calibration samples the reference (minutes on a real model): progress, and SIGTERM stops it
+            ctrl["reward"], source = calibrated_reward_for_run(out, calibration, calibration_fingerprint(run, sampling), counted,
+                                                               reward_fn, prompts, main_rank=main_rank)
+        except Stop:
+            counted.close()
+            return loop.stopped(start)
+        counted.close()
+        train_reward = ctrl["reward"]
+        if main_rank:
+            cal = ctrl["reward"].calibration
+            log(f"# calibration: {source}: m = {cal.samples_per_prompt} reference samples for each of {len(cal.prompts)} "
+                f"prompts ({out / CALIBRATION_FILE})\n# training on {calibration.describe()}")
+    code = loop.run(lambda on_step: kl_rl.train(cfg, policy, ref, train_reward, prompts, optimizer=optimizer,
+                                                start_step=start, on_step=on_step))
+    if code is not None:
+        return code
+    if not main_rank:
+        distributed.shutdown()
+        return 0
+    final = runs.save_final(out, final_model(distributed.unwrap(policy.model)), tokenizer)
+    distributed.shutdown()
+    rows = runs.read_jsonl(out / "metrics.jsonl")
+    summary: dict[str, Any] = {"steps": steps}
+    if rows:
+        summary.update({k: rows[-1][k] for k in ("reward", "kl_ref", "reward_raw", "reward_calibrated") if k in rows[-1]})
+    return {**summary, "run_dir": str(out), "final": str(final)}
+
+
+# --- dpo --------------------------------------------------------------------------------------------------------------
+def preference_pairs(policy, rows: list[dict]):
+    """dpo.PreferencePairs from rows {prompt, chosen, rejected}: each completion tokenised without special
+    tokens, with the policy's EOS appended (the pair's texts are complete answers)."""
+    from tilt.recipes.dpo import PreferencePairs
+
+    eos = policy.eos_ids[0]
+    prompts = [r["prompt"] for r in rows]
+
+    def ids(text: str) -> list[int]:
+        return list(policy.tokenizer(text, add_special_tokens=False)["input_ids"]) + [eos]
+
+    return PreferencePairs(chosen=policy.rollout_from_ids(prompts, [ids(r["chosen"]) for r in rows]),
+                           rejected=policy.rollout_from_ids(prompts, [ids(r["rejected"]) for r in rows]))
+
+
+def pair_margins(policy, pairs, ref_logprobs, beta: float, micro_batch_size: int = 0) -> tuple[float, float]:
+    """(mean beta*h, share of pairs with h > 0) over all pairs under ``policy``; h is DPO's log-ratio margin."""
+    import torch
+
+    from tilt.math.masking import masked_sum
+    from tilt.math.preference import dpo_margin
+    from tilt.recipes.common import micro_batches
+
+    margins = []
+    with torch.no_grad():
+        for part in micro_batches(len(pairs), micro_batch_size):  # the batches of reference_logprobs
+            c, r = pairs.chosen.take(part), pairs.rejected.take(part)
+            lp_c = masked_sum(policy.token_logprobs(c), c.completion_mask)
+            lp_r = masked_sum(policy.token_logprobs(r), r.completion_mask)
+            margins.append(dpo_margin(lp_c, lp_r, ref_logprobs[0][part], ref_logprobs[1][part]))
+    h = torch.cat(margins).double()
+    return beta * h.mean().item(), (h > 0).double().mean().item()
+
+
+def train_dpo(config: dict, secs: dict, run_dir: Path, *, resume: bool, signals: Signals, resume_flags=(),
+                stack=None) -> int | dict:
+    from tilt.data import load_data
+    from tilt.recipes import dpo
+    from tilt.recipes.common import build_optimizer
+
+    run, cfg, lora = secs["run"], secs["dpo"], secs["lora"]
+    run.require("dpo", ("model", "preferences"))
+    check_models(run)
+    checkpoint, start = runs.prepare_resume(run_dir) if resume else (None, 0)
+    policy, ref, tokenizer = load_policy_and_ref(run, lora, None, checkpoint)
+    data = load_data(run.preferences, secs["data"], tokenizer=tokenizer)
+    pairs = preference_pairs(policy, data.rows)
+    ref_logprobs = dpo.reference_logprobs(ref, pairs, cfg.micro_batch_size)  # once, reused by every step
+    before = None
+    if not resume:
+        margin, accuracy = pair_margins(policy, pairs, ref_logprobs, cfg.beta, cfg.micro_batch_size)
+        before = {"reward_margin_before": margin, "accuracy_before": accuracy}
+    out = _open(run_dir, config, resume, before=before, stack=stack)
+    steps = dpo.num_steps(cfg, len(pairs))
+    optimizer = build_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad], cfg.lr)
+    restore(checkpoint, optimizer, steps, start)
+    loop = RunLoop("dpo", out, steps=steps, start=start, signals=signals, tracker=runs.open_tracker(run.tracker, out, config),
+                   save=_save_fn(out, lambda: policy.model, tokenizer, optimizer, run.keep_checkpoints, lambda: {"recipe": "dpo"}),
+                   checkpoint_every=run.checkpoint_every, shown=("loss", "reward_margin", "accuracy"), resume_flags=resume_flags)
+    code = loop.run(lambda on_step: dpo.train(cfg, policy, policy, pairs, ref_logprobs=ref_logprobs, optimizer=optimizer,
+                                              start_step=start, on_step=on_step))
+    if code is not None:
+        return code
+    final = runs.save_final(out, final_model(policy.model), tokenizer)
+    margin_after, accuracy_after = pair_margins(policy, pairs, ref_logprobs, cfg.beta, cfg.micro_batch_size)
+    before = _before(out)
+    summary = {"pairs": len(pairs), "steps": steps, "reward_margin_before": before.get("reward_margin_before"),
+               "reward_margin_after": margin_after, "accuracy_before": before.get("accuracy_before"),
+               "accuracy_after": accuracy_after}
+    runs.write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    return {**summary, "run_dir": str(out), "final": str(final)}
+
+
+# --- online-dpo / xpo -------------------------------------------------------------------------------------------------
+def build_oracle(oracle_config, reward_fn):
+    from tilt.preferences import BradleyTerry, RewardComparison
+
+    if oracle_config.oracle == "bradley-terry":
+        return BradleyTerry(reward_fn, scale=oracle_config.scale)
+    return RewardComparison(reward_fn, ties=oracle_config.ties)
+
+
+def stored_pairs_extra(stored) -> dict:
+    """The cumulative regime's pairs for a checkpoint's JSON state: texts as JSON, tensors as one safetensors
+    blob (base64), so nothing is pickled."""
+    import base64
+
+    from safetensors.torch import save
+
+    from tilt.recipes.online_dpo import stored_pairs_state
+
+    rows, tensors = stored_pairs_state(stored)
+    return {"rows": rows, "tensors": base64.b64encode(save(tensors)).decode("ascii")}
+
+
+def stored_pairs_from_extra(extra: dict, device) -> list:
+    """The pairs ``stored_pairs_extra`` saved, on ``device``."""
+    import base64
+
+    from safetensors.torch import load
+
+    from tilt.recipes.online_dpo import restore_stored_pairs
+
+    return restore_stored_pairs(extra["rows"], load(base64.b64decode(extra["tensors"])), device)
+
+
+SCHEMES_OF = {"online-dpo": ("online-dpo", "pairs"), "xpo": ("xpo",)}
+
+
+def train_online(config: dict, secs: dict, run_dir: Path, *, resume: bool, signals: Signals, resume_flags=(),
+                stack=None) -> int | dict:
+    from tilt.evaluation import EvalConfig, evaluate
+    from tilt.recipes import online_dpo
+    from tilt.recipes.common import build_optimizer
+
+    command = config["recipe"]
+    section = command.replace("-", "_")
+    run, cfg, sampling, final_eval, lora = secs["run"], secs[section], secs["sampling"], secs["eval"], secs["lora"]
+    run.require(command, ("model", "prompts", "reward"))
+    if cfg.scheme not in SCHEMES_OF[command]:
+        other = "xpo" if cfg.scheme == "xpo" else "online-dpo"
+        raise ValueError(f"tilt train {command} takes scheme {' or '.join(SCHEMES_OF[command])}; for scheme "
+                         f"{cfg.scheme!r} use tilt train {other}")
+    if final_eval.eval_samples_per_prompt and not sampling.exact:
+        raise ValueError("the final evaluation needs samples of the policy itself (temperature 1, no top-k/top-p); "
+                         "set eval.eval_samples_per_prompt: 0 to train with a modified sampler")
+    check_models(run)
+    checkpoint, start = runs.prepare_resume(run_dir) if resume else (None, 0)
+    policy, ref, tokenizer = load_policy_and_ref(run, lora, sampling, checkpoint)
+    reward_fn = build_reward(run)
+    oracle = build_oracle(secs["labels"], reward_fn)
+    prompts = _prompts(run.prompts, secs["data"], tokenizer)
+    initial = first_samples(policy, reward_fn, prompts, run.sample_prompts, cfg.seed) if not resume else []
+    out = _open(run_dir, config, resume, initial, stack=stack)
+    steps = online_dpo.num_steps(cfg)
+    optimizer = build_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad], cfg.lr)
+    state = restore(checkpoint, optimizer, steps, start)
+    stored: list = []  # the cumulative regime's pairs, appended to by the recipe, saved with every checkpoint
+    if state is not None and cfg.regime == "cumulative":
+        if "stored_pairs" not in state["extra"]:
+            raise ValueError(f"{checkpoint} holds no stored pairs, which the cumulative regime needs to resume")
+        stored = stored_pairs_from_extra(state["extra"]["stored_pairs"], policy.device)
+
+    def extra() -> dict:
+        return {"recipe": command, **({"stored_pairs": stored_pairs_extra(stored)} if cfg.regime == "cumulative" else {})}
+
+    loop = RunLoop(command, out, steps=steps, start=start, signals=signals, tracker=runs.open_tracker(run.tracker, out, config),
+                   save=_save_fn(out, lambda: policy.model, tokenizer, optimizer, run.keep_checkpoints, extra),
+                   checkpoint_every=run.checkpoint_every, sample_every=run.sample_every,
+                   sample=lambda step: draw_samples(policy, reward_fn, prompts, run.sample_prompts, cfg.seed, step),
+                   shown=("loss", "policy_sample_win_rate", "kl_ref"), resume_flags=resume_flags)
+    code = loop.run(lambda on_step: online_dpo.train(cfg, policy, ref, oracle, prompts, optimizer=optimizer,
+                                                     start_step=start, stored=stored, on_step=on_step))
+    if code is not None:
+        return code
+    final = runs.save_final(out, final_model(policy.model), tokenizer)
+    rows = runs.read_jsonl(out / "metrics.jsonl")
+    summary: dict[str, Any] = {"steps": steps, "scheme": cfg.scheme}
+    if rows:
+        summary["last_policy_sample_win_rate"] = rows[-1]["policy_sample_win_rate"]
+    if final_eval.eval_samples_per_prompt:
+        chosen = prompts[: final_eval.eval_prompts] if final_eval.eval_prompts else prompts
+        from tqdm import tqdm
+
+        bar = tqdm(total=2 * len(chosen) * final_eval.eval_samples_per_prompt, desc="final evaluation", unit="sample",
+                   file=sys.stderr, dynamic_ncols=True, leave=False)
+        try:
+            m = evaluate(EvalConfig(samples_per_prompt=final_eval.eval_samples_per_prompt, seed=cfg.seed), policy, ref, reward_fn,
+                         chosen, progress=progress_or_stop(bar, signals, steps)).metrics
+        except Stop:
+            bar.close()
+            log(f"# stopped by {signals.name} during the final evaluation; the trained model is in {final}: "
+                f"evaluate it with tilt eval {out}")
+            return signals.exit_code
+        bar.close()
+        summary.update(eval_prompts=len(chosen), win_rate=m["win_rate"], win_rate_ci=m["win_rate_ci"], reward_mean=m["reward_mean"],
+                       ref_reward_mean=m["ref_reward_mean"], kl_ref=m["kl_ref"])
+    runs.write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    return {**summary, "run_dir": str(out), "final": str(final)}
+
+
+# --- reward-model -----------------------------------------------------------------------------------------------------
+def split_pairs(rows: list[dict], held_out: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) rows: a seeded permutation, the first round(held_out * n) rows (at least 1 when held_out
+    > 0) held out. Raises when either side would be empty."""
+    import torch
+
+    from tilt.recipes.common import derive_seed
+
+    n = len(rows)
+    n_held = max(1, round(held_out * n)) if held_out > 0 else 0
+    if n - n_held < 1:
+        raise ValueError(f"held_out {held_out} of {n} pairs leaves no pair to train on; lower held_out or add pairs")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "held_out"))).tolist()
+    return [rows[i] for i in sorted(order[n_held:])], [rows[i] for i in sorted(order[:n_held])]
+
+
+def train_reward_model(config: dict, secs: dict, run_dir: Path, *, resume: bool, signals: Signals, resume_flags=(),
+                stack=None) -> int | dict:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from tilt.data import load_data
+    from tilt.engine.loading import check_no_custom_code, check_safe_weights, load_tokenizer, resolve_model_path
+    from tilt.recipes import reward_model
+    from tilt.recipes.common import build_optimizer, derive_seed
+    from tilt.reward_fns import SequenceClassifierReward
+    from tilt.runs.setup import pick_device, pick_dtype
+
+    run, cfg, held = secs["run"], secs["reward_model"], secs["eval"]
+    run.require("reward-model", ("model", "preferences"))
+    path = resolve_model_path(run.model)
+    if Path(path).is_dir():
+        check_safe_weights(path)
+        check_no_custom_code(path, trust_remote_code=run.trust_remote_code)
+    checkpoint, start = runs.prepare_resume(run_dir) if resume else (None, 0)
+    tokenizer = load_tokenizer(run.model, trust_remote_code=run.trust_remote_code)
+    data = load_data(run.preferences, secs["data"], tokenizer=tokenizer)
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in data.rows]
+    train_pairs, held_out = split_pairs(rows, held.held_out, cfg.seed)
+    torch.manual_seed(derive_seed(cfg.seed, "reward_head"))  # the new scalar head's initialisation
+    device = pick_device(run.device)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(checkpoint) if checkpoint is not None else path, num_labels=1, use_safetensors=True,
+        dtype=pick_dtype(run.dtype, device), trust_remote_code=run.trust_remote_code).to(device)
+    reward = SequenceClassifierReward(model, tokenizer, max_length=held.max_length)
+    before = {"accuracy_held_out_before": reward_model.accuracy(reward, held_out)} if held_out and not resume else None
+    out = _open(run_dir, config, resume, before=before, stack=stack)
+    steps = reward_model.num_steps(cfg, len(train_pairs))
+    optimizer = build_optimizer("adamw", reward.model.parameters(), cfg.lr)
+    restore(checkpoint, optimizer, steps, start)
+    loop = RunLoop("reward-model", out, steps=steps, start=start, signals=signals,
+                   tracker=runs.open_tracker(run.tracker, out, config),
+                   save=_save_fn(out, lambda: reward.model, tokenizer, optimizer, run.keep_checkpoints, lambda: {"recipe": "reward-model"}),
+                   checkpoint_every=run.checkpoint_every, shown=("loss", "accuracy"), resume_flags=resume_flags)
+    code = loop.run(lambda on_step: reward_model.train(cfg, reward, train_pairs, optimizer=optimizer, start_step=start,
+                                                       on_step=on_step))
+    if code is not None:
+        return code
+    reward.model.eval()
+    final = runs.save_final(out, reward.model, tokenizer)
+    summary: dict[str, Any] = {"train_pairs": len(train_pairs), "held_out_pairs": len(held_out), "steps": steps,
+                               "accuracy_train": reward_model.accuracy(reward, train_pairs)}
+    if held_out:
+        summary["accuracy_held_out"] = reward_model.accuracy(reward, held_out)
+        summary.update(_before(out))
+    runs.write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    return {**summary, "run_dir": str(out), "final": str(final), "use_as_reward": f"--reward {final}"}
+
+
+ASSEMBLIES = {"kl-rl": train_kl_rl, "dpo": train_dpo, "online-dpo": train_online, "xpo": train_online,
+              "reward-model": train_reward_model}
+"""The single-recipe commands (the pipelines are in tilt.pipelines.demo_rl)."""

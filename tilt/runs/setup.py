@@ -1,0 +1,172 @@
+"""Building what a run trains from its resolved config: device and dtype, the policy and its reference (with
+LoRA: the adapter-disabled base), the reward, the samples shown in samples.jsonl, and the restore of a checkpoint.
+Shared by every ``tilt train`` command; nothing here parses a command line."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+"""/proc/cpuinfo flags under which a CPU computes bfloat16 natively (elsewhere bfloat16 is emulated and slow)."""
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The CPU's feature flags, read from /proc/cpuinfo at run time (``cpuinfo``: its text, for tests)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags") and ":" in line:
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def pick_device(name: str) -> str:
+    """``cpu``, ``cuda`` (an error when CUDA is unavailable) or ``auto`` (cuda when available)."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("run.device is cuda but torch sees no CUDA device; use --device cpu or auto")
+    return name
+
+
+def pick_dtype(name: str, device: str, *, cpuinfo: str | None = None):
+    """The torch dtype of ``name``; ``auto``: bfloat16 on a CUDA device that supports it and on a CPU with native
+    bfloat16 (AVX-512 BF16 or AMX, read from /proc/cpuinfo), float32 otherwise."""
+    import torch
+
+    if name != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_flags(cpuinfo) & set(BF16_CPU_FLAGS) else torch.float32
+
+
+def check_models(run, *, ref: bool = True) -> None:
+    """The model (and reference) paths exist, before anything is written."""
+    from tilt.engine.loading import resolve_model_path
+
+    resolve_model_path(run.model)
+    if ref and run.ref:
+        resolve_model_path(run.ref)
+
+
+def load_policy_and_ref(run, lora, sampling, checkpoint: Path | None, *, need_ref: bool = True):
+    """(policy, reference, tokenizer) on the run's device and dtype. Without LoRA the policy starts from
+    ``checkpoint`` (or run.model) and the reference is run.ref, frozen. With LoRA (lora.r > 0) the policy is run.model
+    with an adapter (the checkpoint's, when resuming) and the reference is the same model with the adapter disabled."""
+    from tilt.engine.hf import HFPolicy, SamplingConfig
+    from tilt.engine.loading import load_model, load_tokenizer
+
+    device = pick_device(run.device)
+    dtype = pick_dtype(run.dtype, device)
+    sampling = sampling if sampling is not None else SamplingConfig()
+    trust = run.trust_remote_code
+    tokenizer = load_tokenizer(run.model, trust_remote_code=trust)
+    settings = lora.settings() if lora is not None else None
+    if settings is not None:
+        from tilt.engine.lora import AdapterDisabledReference, add_lora
+
+        base = load_model(run.model, trust_remote_code=trust, dtype=dtype).to(device)
+        if checkpoint is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(base, str(checkpoint), is_trainable=True)
+        else:
+            model = add_lora(base, settings)
+        policy = HFPolicy(model, tokenizer, sampling)
+        return policy, AdapterDisabledReference(policy), tokenizer
+    source = str(checkpoint) if checkpoint is not None else run.model
+    policy = HFPolicy(load_model(source, trust_remote_code=trust, dtype=dtype).to(device), tokenizer, sampling)
+    if not need_ref:
+        return policy, None, tokenizer
+    ref_tokenizer = load_tokenizer(run.ref, trust_remote_code=trust)
+    if len(ref_tokenizer) != len(tokenizer):
+        raise ValueError(f"the reference {run.ref!r} has a vocabulary of {len(ref_tokenizer)} tokens and the model "
+                         f"{len(tokenizer)}: the reference needs the model's tokenizer")
+    ref_model = load_model(run.ref, trust_remote_code=trust, dtype=dtype).requires_grad_(False).to(device)
+    return policy, HFPolicy(ref_model, ref_tokenizer, sampling), tokenizer
+
+
+def final_model(model):
+    """What RUN/final holds: the model, with a LoRA update merged in (an ordinary from_pretrained folder)."""
+    from tilt.engine.lora import is_lora_model, merged_model
+
+    return merged_model(model) if is_lora_model(model) else model
+
+
+def build_reward(run):
+    """The run's reward: its specs summed with ``reward_weights`` (1 each when unset)."""
+    from tilt.reward_fns import reward_from_specs
+
+    specs = list(run.reward)
+    if run.reward_weights is None:
+        return reward_from_specs(specs, trust_remote_code=run.trust_remote_code)
+    try:
+        return reward_from_specs(specs, weights=list(run.reward_weights), trust_remote_code=run.trust_remote_code)
+    except TypeError:  # a reward_from_specs without weights: sum the terms here, the same way it does
+        from tilt.reward_fns import weighted_rewards
+
+        return weighted_rewards([(w, reward_from_specs([s], trust_remote_code=run.trust_remote_code))
+                                 for w, s in zip(run.reward_weights, specs)])
+
+
+def draw_samples(policy, reward_fn, prompts: Sequence[Any], count: int, seed: int, step: int) -> list[dict]:
+    """One completion of each of the first ``count`` prompts, from a generator that depends only on (seed, step),
+    so the rows are the same in a resumed run and do not disturb the training randomness."""
+    from tilt.recipes.common import step_generator
+    from tilt.rewards import score_rewards
+
+    chosen = list(prompts[:count])
+    rollout = policy.sample(chosen, 1, generator=step_generator(seed, step, "samples"))
+    rewards = score_rewards(reward_fn, rollout.prompts, rollout.completions)
+    return [{"step": step, "prompt": p, "completion": c, "reward": float(r)}
+            for p, c, r in zip(rollout.prompts, rollout.completions, rewards.tolist())]
+
+
+def first_samples(policy, reward_fn, prompts, count: int, seed: int) -> list[dict]:
+    """The step-0 samples, drawn before the run directory exists: a reward that fails on them is bad input."""
+    from tilt.rewards import RewardError
+
+    try:
+        return draw_samples(policy, reward_fn, prompts, count, seed, 0)
+    except RewardError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def restore(checkpoint: Path | None, optimizer, total: int, start: int, *, main_rank: bool = True) -> dict | None:
+    """Restore the optimizer and RNG states of ``checkpoint``; its trainer state (None without one)."""
+    from tilt.runs import directory as runs
+
+    if checkpoint is None:
+        return None
+    state, tensors = runs.load_trainer_state(checkpoint)
+    runs.restore_optimizer(optimizer, state, tensors)
+    runs.restore_rng(state, tensors)
+    if main_rank:
+        print(f"# resuming from {checkpoint} (step {start} of {total})", file=sys.stderr, flush=True)
+    return state
+
+
+def run_fingerprint(config: dict) -> dict:
+    """The fingerprint of a run's inputs (``tilt.runs.directory.fingerprint_inputs``): the resolved config, the data
+    files, the model and reference, the reward's source files, each under the name ``--accept-changes`` takes."""
+    from tilt.runs import directory as runs
+
+    run = config["run"]
+    data = {name: run[name] for name in ("prompts", "preferences", "demonstrations") if run.get(name)}
+    models = {name: run[name] for name in ("model", "ref") if run.get(name)}
+    rewards = {"reward": list(run["reward"])} if run.get("reward") else {}
+    return runs.fingerprint_inputs(config, data=data, models=models, rewards=rewards)
+
+
+def quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one progress bar (the run's), not one per file transformers reads or writes
+    hf_logging.set_verbosity_error()  # a reward model's new scalar head is expected to be missing from the backbone
