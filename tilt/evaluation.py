@@ -94,7 +94,7 @@ def target_diagnostics(rewards: Tensor, seq_log_ratio: Tensor, *, beta: float) -
         raise ValueError(f"rewards and seq_log_ratio must both be (P, K); got {tuple(rewards.shape)} and {tuple(seq_log_ratio.shape)}")
     log_w = rewards.double() / beta - seq_log_ratio.double()  # (P, K) log pi*(y)/pi(y) + log Z
     zero = torch.zeros_like(log_w)
-    return {f"target_{name}": value for name, value in importance.diagnostics(log_w, zero, zero).items()}
+    return importance.target_metrics(log_w, zero, zero)
 
 
 # --- sampling and scoring on a Policy ------------------------------------------------------------------------------

@@ -62,12 +62,13 @@ def target_report(policy: TabularPolicy, ref: TabularPolicy, rewards: torch.Tens
 
 @torch.no_grad()
 def sampled_diagnostics(policy: TabularPolicy, target: TiltedTarget, n: int, seed: int) -> dict:
-    """Importance-sampled estimates (``tilt.math.importance.diagnostics``) from n fresh samples of the policy per context."""
+    """Importance-sampled estimates (``tilt.math.importance.target_metrics``, keyed ``target_*``) from n fresh samples
+    of the policy per context."""
     g = torch.Generator().manual_seed(derive_seed(seed, "eval"))
     rollout = policy.sample(list(range(policy.contexts)), n, generator=g)
     log_pi = rollout.sample_seq_logprobs.view(policy.contexts, n)
     log_p = target.log_weight(rollout).view(policy.contexts, n)
-    return importance.diagnostics(log_p, log_pi, log_pi)
+    return importance.target_metrics(log_p, log_pi, log_pi)
 
 
 # --- tilt lab dpg -------------------------------------------------------------------------------------------------
@@ -93,7 +94,7 @@ def run_dpg_lab(
     progress: bool = False,
 ) -> dict:
     """Train a tabular policy from the reference with ``dpg.train``; report exact quantities (the keys of
-    ``tilt lab kl-rl``) and importance-sampled estimates of the same divergences (``is_*``)."""
+    ``tilt lab kl-rl``) and importance-sampled estimates of the same divergences (``target_*``)."""
     if batch % contexts:
         raise ValueError(f"--batch {batch} must be a multiple of --contexts {contexts}")
     ref = random_tabular_policy(vocab, length, contexts, seed=seed)
@@ -119,7 +120,7 @@ def run_dpg_lab(
     bar.close()
     seconds = time.perf_counter() - start
     report = target_report(policy, ref, rewards, beta, target)
-    report.update({f"is_{k}": v for k, v in sampled_diagnostics(policy, target, eval_samples, seed).items()})
+    report.update(sampled_diagnostics(policy, target, eval_samples, seed))
     report.update(
         steps=steps,
         seconds=round(seconds, 3),
@@ -171,7 +172,7 @@ def run_dpg_command(args: argparse.Namespace) -> int:
     ]
     print(table(["quantity", "policy pi", "target pi*"], rows))
     rows = [
-        (name, report[key], report[f"is_{ikey}"], report[f"is_{ikey}_lower"], report[f"is_{ikey}_upper"])
+        (name, report[key], report[f"target_{ikey}"], report[f"target_{ikey}_lower"], report[f"target_{ikey}_upper"])
         for name, key, ikey in [("KL(pi* || pi)", "kl_target_policy", "kl_target_policy"), ("KL(pi || pi*)", "kl_policy_target", "kl_policy_target"), ("log Z", "log_z", "log_z")]
     ]
     print()
@@ -342,7 +343,7 @@ def add_lab_parsers(lab_sub) -> None:
     g.add_argument("--mode", choices=list(dpg.MODES), default="on-policy", help="on-policy (q = pi) or adaptive (frozen proposal) (default on-policy)")
     g.add_argument("--divergence", choices=list(DIVERGENCES), default="forward-kl", help="the f-divergence D(pi || pi*) minimised (default forward-kl)")
     g.add_argument("--baseline", choices=["loo", "none"], default="loo", help="loo: leave-one-out baseline; none: GDC++ for forward-kl (default loo)")
-    g.add_argument("--eval-samples", type=int, default=EVAL_SAMPLES, help=f"fresh samples behind the is_* estimates (default {EVAL_SAMPLES})")
+    g.add_argument("--eval-samples", type=int, default=EVAL_SAMPLES, help=f"fresh samples behind the target_* estimates (default {EVAL_SAMPLES})")
     _evidence_option(g)
     p.set_defaults(run=run_dpg_command)
 
