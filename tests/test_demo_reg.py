@@ -317,3 +317,41 @@ def test_cli_json_contract(capsys):
     out = _run_cli(["demo-rlhf", "--demos", "300", "--preferences", "30,300", "--lam", "0,0.5", "--seeds", "2", "--json"], capsys)
     assert {(g["preferences"], g["lam"]) for g in out["gaps"]} == {(30, 0.0), (30, 0.5), (300, 0.0), (300, 0.5)}
     assert out["bc_gap"] > 0
+
+
+def test_bc_on_a_language_model_counts_the_completion_tokens_only():
+    """On a GPT-2: the BC loss and gradient equal transformers' own causal-LM loss over the completion tokens (+ EOS)
+    with the prompt's labels ignored (-100), one unpadded row at a time; counting the prompt tokens too would give
+    another loss, so the comparison can fail."""
+    from tilt.engine.hf import HFPolicy
+    from tilt.engine.tiny import char_tokenizer, tiny_gpt2
+    from tilt.pipelines.demo_rl import demonstration_rollout
+
+    tok = char_tokenizer()
+    policy = HFPolicy(tiny_gpt2(len(tok), n_layer=1, n_embd=16, seed=4), tok)
+    rows = [{"prompt": "the cat sat", "completion": "on a mat"}, {"prompt": "hi", "completion": "there you"},
+            {"prompt": "a long prompt here", "completion": "ok"}]  # prompts of different lengths: left padding
+    demos = demonstration_rollout(policy, rows)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.0)  # lr 0: the step leaves the gradient, moves nothing
+    metrics = bc.bc_step(bc.BCConfig(sequences_per_step=0), policy, demos, optimizer)
+    params = [p for p in policy.parameters()]
+    grads = [p.grad.clone() for p in params]
+
+    def hf_loss(count_prompt: bool) -> torch.Tensor:
+        total, tokens = 0.0, 0
+        for r in rows:
+            prompt = tok(r["prompt"])["input_ids"]
+            completion = tok(r["completion"], add_special_tokens=False)["input_ids"] + [policy.eos_ids[0]]
+            ids = torch.tensor([prompt + completion])
+            labels = ids.clone() if count_prompt else torch.tensor([[-100] * len(prompt) + completion])
+            n = int((labels[:, 1:] != -100).sum())  # transformers shifts the labels by one and averages over these
+            total = total + policy.model(input_ids=ids, labels=labels).loss * n
+            tokens += n
+        return total / tokens
+
+    expected = hf_loss(count_prompt=False)
+    assert metrics["tokens"] == sum(len(r["completion"]) + 1 for r in rows)
+    assert metrics["loss"] == pytest.approx(expected.item(), abs=1e-5)
+    assert abs(hf_loss(count_prompt=True).item() - expected.item()) > 1e-3  # counting the prompt too: 100x the tolerance
+    for p, g, want in zip(params, grads, torch.autograd.grad(expected, params)):
+        torch.testing.assert_close(g, want, atol=1e-5, rtol=1e-4)

@@ -230,13 +230,38 @@ def test_dpg_config_validation():
         dpg.DPGConfig(mode="offline")
 
 
+def exact_divergences(lp, ex) -> dict[str, float]:
+    """By enumeration: log Z and the divergences between pi (log-probs lp, (1, N)) and pi* (ex.log_probs)."""
+    lt = ex.log_probs
+    m = torch.logaddexp(lp, lt) - math.log(2)
+    return {
+        "log_z": ex.log_z.item(),
+        "kl_target_policy": exact.kl(lt, lp).item(),
+        "kl_policy_target": exact.kl(lp, lt).item(),
+        "tv": exact.total_variation(lp, lt).item(),
+        "js": (0.5 * exact.kl(lp, m) + 0.5 * exact.kl(lt, m)).item(),
+    }
+
+
 def test_dpg_step_logs_diagnostics():
-    ref, _, target, _ = world()
+    """At lr 0 the policy stays pi_ref, so each logged diagnostic estimates a number known by enumeration."""
+    ref, rewards, target, ex = world()
     policy = ref.copy()
     metrics = []
-    dpg.train(dpg.DPGConfig(steps=2, prompts_per_step=1, samples_per_prompt=32, lr=0.0), policy, target, [0], on_step=lambda s, m: metrics.append(m))
-    for key in ("is_kl_target_policy", "is_kl_target_policy_lower", "is_kl_policy_target", "is_tv", "is_js", "is_ess", "kl_ref", "reward", "log_z_running"):
-        assert math.isfinite(metrics[-1][key]), key
+    dpg.train(dpg.DPGConfig(steps=2, prompts_per_step=1, samples_per_prompt=2048, lr=0.0), policy, target, [0],
+              on_step=lambda s, m: metrics.append(m))
+    assert torch.equal(policy.logits, ref.logits)  # lr 0: nothing moved
+    lp, lt = ref.support_logprobs().detach(), ex.log_probs  # (1, 27) log pi_ref, log pi*
+    truth = exact_divergences(lp, ex)
+    last = metrics[-1]
+    for name, value in truth.items():
+        assert last[f"target_{name}"] == pytest.approx(value, abs=0.03), name
+        assert last[f"target_{name}_lower"] <= value <= last[f"target_{name}_upper"], name
+    assert last["log_z_running"] == pytest.approx(truth["log_z"], abs=0.03)  # pooled over both steps
+    assert last["kl_ref"] == 0.0  # pi = pi_ref on every sample: log pi - log pi_ref is 0 exactly
+    assert last["reward"] == pytest.approx(exact.expectation(lp, rewards).item(), abs=0.05)  # E_{pi_ref}[r]
+    kish = 1.0 / ((lt - lp).exp() ** 2 * lp.exp()).sum().item()  # ESS / K -> 1 / E_q[w^2] for w = pi*/q, q = pi_ref
+    assert last["target_ess_fraction"] == pytest.approx(kish, rel=0.1)
 
 
 # --- importance-sampled diagnostics --------------------------------------------------------------------------------
@@ -247,15 +272,7 @@ def test_importance_intervals_cover_exact_values():
     q = random_tabular_policy(V, L, seed=12, scale=0.5)
     support = ref.enumerate()
     log_p, log_pi, log_q = target.log_weight(support), pi.support_logprobs().view(-1).detach(), q.support_logprobs().view(-1).detach()
-    lp, lt = log_pi.unsqueeze(0), ex.log_probs
-    m = torch.logaddexp(lp, lt) - math.log(2)
-    truth = {
-        "log_z": ex.log_z.item(),
-        "kl_target_policy": exact.kl(lt, lp).item(),
-        "kl_policy_target": exact.kl(lp, lt).item(),
-        "tv": exact.total_variation(lp, lt).item(),
-        "js": (0.5 * exact.kl(lp, m) + 0.5 * exact.kl(lt, m)).item(),
-    }
+    truth = exact_divergences(log_pi.unsqueeze(0), ex)
     g = torch.Generator().manual_seed(0)
     idx = torch.multinomial(log_q.exp(), 100 * 512, replacement=True, generator=g).view(100, 512)
     args = (log_p[idx], log_q[idx], log_pi[idx])
@@ -406,7 +423,7 @@ def test_cli_dpg_prints_the_kl_rl_keys():
     dpg_out = _cli(["lab", "dpg", "--steps", "3", "--mode", "adaptive", "--divergence", "js", "--json"])
     klrl_out = _cli(["lab", "kl-rl", "--steps", "3", "--json"])
     assert set(klrl_out) <= set(dpg_out)
-    assert dpg_out["kl_target_policy"] > 0 and "is_kl_target_policy_upper" in dpg_out
+    assert dpg_out["kl_target_policy"] > 0 and "target_kl_target_policy_upper" in dpg_out
 
 
 def test_cli_qrs_and_gdc_contract():

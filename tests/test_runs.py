@@ -621,3 +621,63 @@ def test_a_full_disk_during_training_ends_in_one_message_and_failed(world, tmp_p
     assert "No space left on device" in (run / runs.FAILED).read_text()
     assert not [p for p in run.rglob(".*") if p.name != runs.LOCK]
     assert [s for s, _ in runs.list_checkpoints(run)] == [2]
+
+
+# --- resume restores the global RNGs that user code draws from --------------------------------------------------------
+NOISY_REWARD_PY = '''
+import os, random
+import numpy as np
+import torch
+
+CALLS = [0]
+
+def noisy(prompts, completions):
+    """Vowels plus noise from all three global generators: the run's numbers depend on their states."""
+    CALLS[0] += 1
+    if CALLS[0] == int(os.environ.get("NOISY_REWARD_BREAK_AT_CALL", "0")):
+        raise RuntimeError("stopped on purpose")
+    return [sum(ch in "aeiou" for ch in c) + random.random() + float(np.random.rand()) + float(torch.rand(()))
+            for c in completions]
+'''
+
+
+def _seed_globals(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@pytest.mark.slow
+def test_resume_restores_the_global_rngs_a_reward_draws_from(world, tmp_path, monkeypatch):
+    (tmp_path / "noisy.py").write_text(NOISY_REWARD_PY)
+    args = ["--reward", f"{tmp_path / 'noisy.py'}:noisy", "--steps", "6", "--checkpoint-every", "3", "--sample-every", "0"]
+
+    def stopped_then_resumed(name: str) -> Path:
+        """Run until the reward raises at step 4 (call 1 = the step-0 samples, calls 2-4 = steps 1-3, after the
+        checkpoint of step 3), then, with the global generators seeded anew, resume to the end."""
+        run = tmp_path / name
+        _seed_globals(0)
+        monkeypatch.setenv("NOISY_REWARD_BREAK_AT_CALL", "5")
+        assert train(world, "--run-dir", str(run), *args) == EXIT_FAILED
+        assert runs.latest_checkpoint(run).name == "step-00000003"
+        monkeypatch.delenv("NOISY_REWARD_BREAK_AT_CALL")
+        _seed_globals(12345)  # a new process's generators start elsewhere
+        assert main(["train", "kl-rl", "--resume", str(run)]) == 0
+        return run
+
+    _seed_globals(0)
+    whole = tmp_path / "whole"
+    assert train(world, "--run-dir", str(whole), *args) == 0
+    resumed = stopped_then_resumed("resumed")
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        assert (resumed / name).read_text() == (whole / name).read_text(), name
+
+    # the test can fail: without restoring the generators, the resumed steps differ
+    monkeypatch.setattr(runs, "restore_rng", lambda state, tensors: None)
+    unrestored = stopped_then_resumed("unrestored")
+    rows, expected = runs.read_jsonl(unrestored / "metrics.jsonl"), runs.read_jsonl(whole / "metrics.jsonl")
+    assert rows[:3] == expected[:3] and rows[3]["reward"] != expected[3]["reward"]

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from tilt.math.bootstrap import bootstrap_mean
 from tilt.math.infalign import (
     best_of_n_index,
     best_of_n_values,
@@ -85,7 +86,7 @@ def evaluate_win_rates(
     * ``win_rate_standard``: one sample of pi against one of pi_ref, over all ``groups * n`` samples of each;
     * ``win_rate_bon`` / ``win_rate_won``: BoN_N(pi) against BoN_N(pi_ref) (resp. WoN), ``groups`` selections each;
     * ``kl``: the mean k1 estimate of KL(pi || pi_ref) on the policy's samples (unbiased; digest §1.2), with a
-      bootstrap interval over samples.
+      two-level bootstrap interval (``tilt.math.bootstrap.bootstrap_mean``), like the win rates'.
     Each win rate comes with ``*_low`` and ``*_high``. Draws groups * n samples per prompt from each policy.
     """
     k = groups * n
@@ -104,9 +105,6 @@ def evaluate_win_rates(
     for name, (a, b) in pairs.items():
         est, low, high = bootstrap_win_rate(a, b, generator=generator, num_resamples=num_resamples, level=level)
         out.update({name: est, f"{name}_low": low, f"{name}_high": high})
-    draws = torch.randint(log_ratio.numel(), (num_resamples, log_ratio.numel()), generator=generator)
-    kl_boot = log_ratio.double()[draws].mean(-1)
-    tail = (1 - level) / 2
-    kl_low, kl_high = torch.quantile(kl_boot, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
-    out.update(kl=log_ratio.double().mean().item(), kl_low=kl_low, kl_high=kl_high, n=n, samples_per_prompt=k)
+    kl, kl_low, kl_high = bootstrap_mean(log_ratio.view(-1, k), generator=generator, num_resamples=num_resamples, level=level)
+    out.update(kl=kl, kl_low=kl_low, kl_high=kl_high, n=n, samples_per_prompt=k)
     return out

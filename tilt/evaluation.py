@@ -19,9 +19,10 @@ What is estimated, from K samples of each prompt from pi and K from pi_ref (P pr
   interval (``_stderr``, ``_lower``, ``_upper``), and the Kish ESS of the weights pi*/pi (``ess``, ``ess_fraction``).
   Any model, however it was trained, is compared with the same target.
 
-Intervals (all but the ``target_*`` ones, which are importance sampling's own): a two-level percentile bootstrap, the scheme of ``tilt.math.infalign.bootstrap_win_rate`` (which gives
-the win-rate intervals): each resample draws the prompts with replacement and, within each drawn prompt, that
-prompt's samples with replacement. It is valid with one prompt and with one sample per prompt, and counts the
+Intervals (all but the ``target_*`` ones, which are importance sampling's own): the one two-level percentile
+bootstrap, ``tilt.math.bootstrap.two_level_bootstrap`` (``bootstrap_mean`` for means, ``tilt.math.infalign.
+bootstrap_win_rate`` for win rates): each resample draws the prompts with replacement and, within each drawn
+prompt, that prompt's samples with replacement. It is valid with one prompt and with one sample per prompt, and counts the
 prompts as a sample from a population; it is conservative (within-prompt noise enters twice) when there are many
 prompts. As the number of samples per prompt grows, the intervals shrink to the spread between prompts.
 
@@ -36,6 +37,7 @@ import torch
 from torch import Tensor
 
 from tilt.math import importance
+from tilt.math.bootstrap import bootstrap_mean  # the one two-level bootstrap (also imported from here by callers)
 from tilt.math.infalign import best_of_n_values, bootstrap_win_rate, worst_of_n_values
 from tilt.math.kl import k1, k3
 from tilt.math.masking import masked_sum
@@ -45,33 +47,6 @@ from tilt.rollout import Policy
 
 
 # --- pure math -----------------------------------------------------------------------------------------------------
-def bootstrap_mean(values: Tensor, *, generator: torch.Generator, num_resamples: int = 1000, level: float = 0.95,
-                   chunk: int = 100) -> tuple[float, float, float]:
-    """Mean over all entries and its two-level percentile bootstrap interval.
-
-    values: (P, K), K samples of each of P prompts. Each resample draws P prompts with replacement and, within
-    each drawn prompt, K of its samples with replacement; the statistic is the mean of the drawn prompts' means
-    (equal to the overall mean, since every prompt has K samples). Returns (estimate, low, high).
-    """
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    if values.dim() != 2 or values.numel() == 0:
-        raise ValueError(f"values must be a non-empty (P, K) tensor, got shape {tuple(values.shape)}")
-    values = values.double()
-    p, k = values.shape
-    stats = []
-    for start in range(0, num_resamples, chunk):
-        r = min(chunk, num_resamples - start)
-        prompt_draws = torch.randint(p, (r, p), generator=generator)  # (R, P) which prompts
-        sample_draws = torch.randint(k, (r, p, k), generator=generator)  # (R, P, K) which samples of each
-        drawn = values[prompt_draws.unsqueeze(-1), sample_draws]  # (R, P, K)
-        stats.append(drawn.mean((-1, -2)))
-    boot = torch.cat(stats)  # (num_resamples,)
-    tail = (1 - level) / 2
-    low, high = torch.quantile(boot, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
-    return values.mean().item(), low, high
-
-
 def sequence_kl_terms(seq_log_ratio: Tensor) -> dict[str, Tensor]:
     """Per-sample KL(pi || pi_ref) estimates from the sequence log-ratio log pi(y) - log pi_ref(y), y ~ pi:
     {"k1": log-ratio, "k3": (rho - 1) - log rho}, each the shape of the input (tilt.math.kl; Schulman 2020)."""
@@ -94,7 +69,7 @@ def target_diagnostics(rewards: Tensor, seq_log_ratio: Tensor, *, beta: float) -
         raise ValueError(f"rewards and seq_log_ratio must both be (P, K); got {tuple(rewards.shape)} and {tuple(seq_log_ratio.shape)}")
     log_w = rewards.double() / beta - seq_log_ratio.double()  # (P, K) log pi*(y)/pi(y) + log Z
     zero = torch.zeros_like(log_w)
-    return {f"target_{name}": value for name, value in importance.diagnostics(log_w, zero, zero).items()}
+    return importance.target_metrics(log_w, zero, zero)
 
 
 # --- sampling and scoring on a Policy ------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ def run_dpg_command(args: argparse.Namespace) -> int:
     ]
     print(table(["quantity", "policy pi", "target pi*"], rows))
     rows = [
-        (name, report[key], report[f"is_{ikey}"], report[f"is_{ikey}_lower"], report[f"is_{ikey}_upper"])
+        (name, report[key], report[f"target_{ikey}"], report[f"target_{ikey}_lower"], report[f"target_{ikey}_upper"])
         for name, key, ikey in [("KL(pi* || pi)", "kl_target_policy", "kl_target_policy"), ("KL(pi || pi*)", "kl_policy_target", "kl_policy_target"), ("log Z", "log_z", "log_z")]
     ]
     print()
@@ -145,7 +145,7 @@ def add_lab_parsers(lab_sub) -> None:
     g.add_argument("--mode", choices=list(module_constant("tilt.recipes.dpg", "MODES")), default="on-policy", help="on-policy (q = pi) or adaptive (frozen proposal) (default on-policy)")
     g.add_argument("--divergence", choices=module_constant("tilt.math.fdiv", "DIVERGENCES"), default="forward-kl", help="the f-divergence D(pi || pi*) minimised (default forward-kl)")
     g.add_argument("--baseline", choices=["loo", "none"], default="loo", help="loo: leave-one-out baseline; none: GDC++ for forward-kl (default loo)")
-    g.add_argument("--eval-samples", type=int, default=EVAL_SAMPLES, help=f"fresh samples behind the is_* estimates (default {EVAL_SAMPLES})")
+    g.add_argument("--eval-samples", type=int, default=EVAL_SAMPLES, help=f"fresh samples behind the target_* estimates (default {EVAL_SAMPLES})")
     _evidence_option(g)
     p.set_defaults(run=run_dpg_command)
 

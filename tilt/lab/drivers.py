@@ -114,12 +114,13 @@ def target_report(policy: TabularPolicy, ref: TabularPolicy, rewards: torch.Tens
 
 @torch.no_grad()
 def sampled_diagnostics(policy: TabularPolicy, target: TiltedTarget, n: int, seed: int) -> dict:
-    """Importance-sampled estimates (``tilt.math.importance.diagnostics``) from n fresh samples of the policy per context."""
+    """Importance-sampled estimates (``tilt.math.importance.target_metrics``, keyed ``target_*``) from n fresh samples
+    of the policy per context."""
     g = torch.Generator().manual_seed(derive_seed(seed, "eval"))
     rollout = policy.sample(list(range(policy.contexts)), n, generator=g)
     log_pi = rollout.sample_seq_logprobs.view(policy.contexts, n)
     log_p = target.log_weight(rollout).view(policy.contexts, n)
-    return importance.diagnostics(log_p, log_pi, log_pi)
+    return importance.target_metrics(log_p, log_pi, log_pi)
 
 
 def run_dpg_lab(
@@ -144,7 +145,7 @@ def run_dpg_lab(
     progress: bool = False,
 ) -> dict:
     """Train a tabular policy from the reference with ``dpg.train``; report exact quantities (the keys of
-    ``tilt lab kl-rl``) and importance-sampled estimates of the same divergences (``is_*``)."""
+    ``tilt lab kl-rl``) and importance-sampled estimates of the same divergences (``target_*``)."""
     if batch % contexts:
         raise ValueError(f"--batch {batch} must be a multiple of --contexts {contexts}")
     ref = random_tabular_policy(vocab, length, contexts, seed=seed)
@@ -170,7 +171,7 @@ def run_dpg_lab(
     bar.close()
     seconds = time.perf_counter() - start
     report = target_report(policy, ref, rewards, beta, target)
-    report.update({f"is_{k}": v for k, v in sampled_diagnostics(policy, target, eval_samples, seed).items()})
+    report.update(sampled_diagnostics(policy, target, eval_samples, seed))
     report.update(
         steps=steps,
         seconds=round(seconds, 3),

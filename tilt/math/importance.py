@@ -187,6 +187,12 @@ class RunningLogZ:
         return Estimate(torch.tensor(self.log_z), torch.tensor(math.sqrt(rel_var)))
 
 
+def target_metrics(target_log_weights: Tensor, proposal_logprobs: Tensor, policy_logprobs: Tensor) -> dict[str, float]:
+    """``diagnostics`` keyed ``target_<name>`` (``target_kl_target_policy``, ``target_ess``, ...): the one name under
+    which every recipe (KL-RL, DPG, online DPO/XPO) and the evaluation log how far the policy is from pi*."""
+    return {f"target_{name}": value for name, value in diagnostics(target_log_weights, proposal_logprobs, policy_logprobs).items()}
+
+
 def diagnostics(target_log_weights: Tensor, proposal_logprobs: Tensor, policy_logprobs: Tensor) -> dict[str, float]:
     """Every estimate above for grouped samples (P, K), averaged over the P groups, as floats for logging.
 

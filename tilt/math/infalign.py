@@ -30,12 +30,16 @@ import math
 import torch
 from torch import Tensor
 
+from tilt.math.bootstrap import two_level_bootstrap
+from tilt.math.winrate import exact_win_rate, win_probability  # the one tie rule and exact win rate (re-exported)
+
 # --- calibration -------------------------------------------------------------------------------------------------
 
 
 def calibrated_reward(rewards: Tensor, ref_rewards: Tensor) -> Tensor:
     """Empirical calibrated reward C(y) = (1/m) sum_j [1{r(z_j) < r(y)} + 1/2 * 1{r(z_j) = r(y)}]
-    (digest §5(a), the CTRL calibration step).
+    (digest §5(a), the CTRL calibration step): the tie rule of ``tilt.math.winrate``, counted by binary search in
+    the sorted reference rewards (O((B + m) log m), not the B x m comparisons).
 
     rewards: (..., B) rewards of the completions to calibrate; ref_rewards: (..., m) rewards of m reference
     samples of the same prompt (leading dims equal). Returns (..., B) in [0, 1], on the grid of 1/(2m).
@@ -54,8 +58,8 @@ def exact_calibrated_reward(rewards: Tensor, ref_probs: Tensor) -> Tensor:
 
 
 def _beats(a: Tensor, b: Tensor) -> Tensor:
-    """1{a > b} + 1/2 * 1{a = b}, elementwise with broadcasting, as float64."""
-    return (a > b).to(torch.float64) + 0.5 * (a == b).to(torch.float64)
+    """1{a > b} + 1/2 * 1{a = b} (``tilt.math.winrate.win_probability``), elementwise with broadcasting, as float64."""
+    return win_probability(a.double(), b.double())
 
 
 # --- transforms --------------------------------------------------------------------------------------------------
@@ -154,15 +158,6 @@ def worst_of_n_probs(probs: Tensor, rewards: Tensor, n: int) -> Tensor:
     return _share_of_class(probs, (1 - below).pow(n) - (1 - at_or_below).pow(n), below, at_or_below)
 
 
-def exact_win_rate(probs: Tensor, other_probs: Tensor, rewards: Tensor) -> Tensor:
-    """W_r(p > q) = sum_{y,z} p(y) q(z) [1{r(y) > r(z)} + 1/2 1{r(y) = r(z)}] over an enumerated support.
-
-    probs, other_probs, rewards: (..., K). Returns (...,), not averaged over prompts. W(p > q) + W(q > p) = 1.
-    """
-    beats = _beats(rewards.unsqueeze(-1), rewards.unsqueeze(-2))  # (..., K, K)
-    return (probs.unsqueeze(-1) * beats * other_probs.unsqueeze(-2)).sum((-1, -2))
-
-
 # --- closed forms (continuous reward, no ties) -------------------------------------------------------------------
 
 
@@ -192,28 +187,16 @@ def pairwise_win_rate(rewards: Tensor, other_rewards: Tensor) -> Tensor:
 def bootstrap_win_rate(
     rewards: Tensor, other_rewards: Tensor, *, generator: torch.Generator, num_resamples: int = 1000, level: float = 0.95
 ) -> tuple[float, float, float]:
-    """Mean win rate over prompts and its percentile bootstrap interval.
-
-    Each resample draws prompts with replacement and, within each drawn prompt, both sides' samples with
-    replacement (a two-level bootstrap, so it is valid with one prompt and with one sample per prompt alike).
+    """Mean win rate over prompts and its percentile bootstrap interval (``tilt.math.bootstrap.two_level_bootstrap``:
+    prompts with replacement and, within each drawn prompt, both sides' samples with replacement, so it is valid
+    with one prompt and with one sample per prompt alike).
     rewards: (P, A); other_rewards: (P, B). Returns (estimate, low, high). Cost: num_resamples * P * A * B.
     """
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
     beats = _beats(rewards.unsqueeze(-1), other_rewards.unsqueeze(-2))  # (P, A, B)
     p, a, b = beats.shape
-    estimate = beats.mean().item()
-    values = torch.empty(num_resamples, dtype=torch.float64)
-    uniform_p = torch.full((p,), 1.0 / p, dtype=torch.float64)
-    for i in range(num_resamples):
-        prompt_counts = torch.bincount(torch.multinomial(uniform_p, p, replacement=True, generator=generator), minlength=p)
-        wa = _resample_counts(p, a, generator) / a  # (P, A)
-        wb = _resample_counts(p, b, generator) / b  # (P, B)
-        per_prompt = torch.einsum("pa,pab,pb->p", wa, beats, wb)  # (P,)
-        values[i] = (prompt_counts.to(torch.float64) * per_prompt).sum() / p
-    tail = (1 - level) / 2
-    low, high = torch.quantile(values, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
-    return estimate, low, high
+    low, high = two_level_bootstrap(lambda w: torch.einsum("rpa,pab,rpb->rp", w[0], beats, w[1]), p, [a, b],
+                                    generator=generator, num_resamples=num_resamples, level=level)
+    return beats.mean().item(), low, high
 
 
 def bootstrap_win_rate_difference(
@@ -227,32 +210,16 @@ def bootstrap_win_rate_difference(
     rewards_a: (P, A), rewards_b: (P, B), ref_rewards: (P, C), row i for prompt i (for inference-time win rates,
     pass best-of-N or worst-of-N values). Returns (estimate, low, high).
     """
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
     if not rewards_a.shape[0] == rewards_b.shape[0] == ref_rewards.shape[0]:
         raise ValueError(f"the three reward tables must have one row per prompt; got {rewards_a.shape[0]}, "
                          f"{rewards_b.shape[0]}, {ref_rewards.shape[0]} rows")
     beats_a = _beats(rewards_a.unsqueeze(-1), ref_rewards.unsqueeze(-2))  # (P, A, C)
     beats_b = _beats(rewards_b.unsqueeze(-1), ref_rewards.unsqueeze(-2))  # (P, B, C)
     p, a, c = beats_a.shape
-    b = beats_b.shape[1]
-    estimate = beats_a.mean().item() - beats_b.mean().item()
-    values = torch.empty(num_resamples, dtype=torch.float64)
-    uniform_p = torch.full((p,), 1.0 / p, dtype=torch.float64)
-    for i in range(num_resamples):
-        prompt_counts = torch.bincount(torch.multinomial(uniform_p, p, replacement=True, generator=generator), minlength=p)
-        wc = _resample_counts(p, c, generator) / c  # (P, C), shared by both sides
-        wa = _resample_counts(p, a, generator) / a  # (P, A)
-        wb = _resample_counts(p, b, generator) / b  # (P, B)
-        gap = torch.einsum("pa,pac,pc->p", wa, beats_a, wc) - torch.einsum("pb,pbc,pc->p", wb, beats_b, wc)  # (P,)
-        values[i] = (prompt_counts.to(torch.float64) * gap).sum() / p
-    tail = (1 - level) / 2
-    low, high = torch.quantile(values, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
-    return estimate, low, high
 
+    def gap(w: list[Tensor]) -> Tensor:  # (R, P); w[2], the reference's resample, is shared by both sides
+        return torch.einsum("rpa,pac,rpc->rp", w[0], beats_a, w[2]) - torch.einsum("rpb,pbc,rpc->rp", w[1], beats_b, w[2])
 
-def _resample_counts(rows: int, size: int, generator: torch.Generator) -> Tensor:
-    """(rows, size) counts of each index in ``size`` draws with replacement, per row, as float64."""
-    draws = torch.randint(size, (rows, size), generator=generator)
-    counts = torch.zeros(rows, size, dtype=torch.float64)
-    return counts.scatter_add_(1, draws, torch.ones(rows, size, dtype=torch.float64))
+    low, high = two_level_bootstrap(gap, p, [a, beats_b.shape[1], c], generator=generator, num_resamples=num_resamples,
+                                    level=level)
+    return beats_a.mean().item() - beats_b.mean().item(), low, high

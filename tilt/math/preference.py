@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tilt.math import winrate
+from tilt.math.winrate import win_probability  # the one tie rule, used here for labels and win rates
+
 
 def implicit_reward(seq_logprobs: Tensor, ref_seq_logprobs: Tensor, *, beta: float) -> Tensor:
     """r_pi(x, y) = beta * log(pi(y|x) / pi_ref(y|x)), the DPO reparameterisation (Rafailov et al. 2023; digest §1.4).
@@ -82,21 +85,10 @@ def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tens
     return -bradley_terry_logprob(chosen_rewards, rejected_rewards)
 
 
-def win_probability(rewards_a: Tensor, rewards_b: Tensor, *, scale: float | None = None) -> Tensor:
-    """P(a is preferred to b) for each pair: sigma(scale * (r(a) - r(b))) under Bradley-Terry, or, with
-    ``scale=None``, the deterministic comparison 1[r(a) > r(b)] + 1/2 * 1[r(a) = r(b)] (a tie counts half).
-    Shapes broadcast. Returns a float tensor of the broadcast shape."""
-    if scale is None:
-        return (rewards_a > rewards_b).to(rewards_a.dtype) + 0.5 * (rewards_a == rewards_b).to(rewards_a.dtype)
-    return torch.sigmoid(scale * (rewards_a - rewards_b))
-
-
 def exact_win_rate(policy_logp: Tensor, other_logp: Tensor, rewards: Tensor, *, scale: float | None = None) -> Tensor:
     """P(y > y') with y ~ pi, y' ~ pi_other, exact over an enumerated support, averaged over contexts.
 
     policy_logp, other_logp, rewards: (C, N). ``scale`` as in ``win_probability`` (None: deterministic reward
     comparison, ties count half). Returns a scalar; 0.5 when the two policies are equal.
     """
-    p, q = policy_logp.exp(), other_logp.exp()  # (C, N)
-    wins = win_probability(rewards.unsqueeze(-1), rewards.unsqueeze(-2), scale=scale)  # (C, N, N): y row, y' column
-    return torch.einsum("cn,cnm,cm->c", p, wins, q).mean()
+    return winrate.exact_win_rate(policy_logp.exp(), other_logp.exp(), rewards, scale=scale).mean()

@@ -200,8 +200,7 @@ def dpg_step(
         "proposal_updates": float(state.proposal_updates),
     }
     if log_diagnostics:
-        diag = importance.diagnostics(log_p_unnorm.view(-1, k), log_q.view(-1, k), log_pi.view(-1, k))
-        metrics.update({f"is_{name}": value for name, value in diag.items()})
+        metrics.update(importance.target_metrics(log_p_unnorm.view(-1, k), log_q.view(-1, k), log_pi.view(-1, k)))
 
     if config.mode == "adaptive":
         state.pending.append((rollout, log_p_unnorm.view(-1, k), log_q.view(-1, k)))

@@ -177,7 +177,7 @@ def kl_rl_step(
     if config.beta > 0:  # how far pi is from pi*, by importance sampling on the step's own samples (q = pi)
         target_log_weights = ref_seq + rewards / config.beta  # (B,) log pi_ref + r / beta
         grouped = [x.view(-1, k) for x in (target_log_weights, old_seq, old_seq)]
-        posterior = {f"target_{name}": value for name, value in importance.diagnostics(*grouped).items()}
+        posterior = importance.target_metrics(*grouped)
     return {
         "reward": rewards.mean().item(),
         "reward_std": rewards.std().item() if n_seq > 1 else 0.0,

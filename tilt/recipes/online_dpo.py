@@ -238,8 +238,7 @@ def target_diagnostics(pairs: LabelledPairs, *, scale: float, beta: float, ref_s
     ref = torch.stack([pairs.ref_a, pairs.ref_b], -1).double()  # (P, 2)
     rewards = torch.stack([pairs.rewards_a, pairs.rewards_b], -1).to(ref)  # (P, 2)
     log_q = torch.logaddexp(log_pi, ref) - math.log(2) if pairs.b_from_ref else log_pi  # (P, 2)
-    diag = importance.diagnostics(ref + scale * rewards / beta, log_q, log_pi)
-    return {f"target_{name}": value for name, value in diag.items()}
+    return importance.target_metrics(ref + scale * rewards / beta, log_q, log_pi)
 
 
 def num_steps(config: OnlineDPOConfig) -> int:

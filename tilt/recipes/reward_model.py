@@ -20,6 +20,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from tilt.math.preference import bradley_terry_loss
+from tilt.math.winrate import win_probability
 from tilt.recipes.common import build_optimizer, lr_factor, prompt_indices, set_lr
 from tilt.reward_fns import SequenceClassifierReward
 
@@ -55,7 +56,7 @@ def accuracy(reward: SequenceClassifierReward, pairs: Sequence[Mapping[str, str]
     total = 0.0
     for s in range(0, len(pairs), batch_size):
         rc, rr = reward.scores(chosen[s:s + batch_size]), reward.scores(rejected[s:s + batch_size])
-        total += ((rc > rr).double() + 0.5 * (rc == rr).double()).sum().item()
+        total += win_probability(rc.double(), rr.double()).sum().item()  # a tie counts one half
     return total / len(pairs)
 
 
@@ -90,7 +91,7 @@ def train(
         optimizer.step()
         if on_step is not None:
             margin = (rc - rr).detach()
-            on_step(step, {"loss": loss.item(), "accuracy": ((margin > 0).double() + 0.5 * (margin == 0).double()).mean().item(),
+            on_step(step, {"loss": loss.item(), "accuracy": win_probability(margin.double(), torch.zeros(())).mean().item(),
                            "margin": margin.mean().item()})
     reward.model.eval()
     return optimizer
