@@ -4,7 +4,8 @@ single-process job from ``build_kl_rl`` / ``build_dpo``).
     python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py OUT JOB [JOB ...]
 
 The jobs run one after the other in the same processes (each launch costs seconds of imports). JOB is
-RECIPE:MODE[:resume][:crashS] with RECIPE in {kl_rl, dpo} and MODE in {plain, ddp, fsdp}, or ``errors`` (last: it
+RECIPE:MODE[:resume][:crashS] with RECIPE in {kl_rl, dpo} and MODE in {plain, ddp, fsdp}, ``other:RECIPE`` with
+RECIPE one of ``OTHER`` (the remaining recipes, replicated, written to OUT/other-RECIPE), or ``errors`` (last: it
 ends the launch). Each job trains in OUT/RECIPE-MODE (OUT/RECIPE-MODE-restarted with resume or crash): rank 0 writes metrics.jsonl and result.json, every rank
 writes distributed checkpoints after each step, and the trained model is exported to OUT/RECIPE-MODE/final (a
 from_pretrained folder). ``resume`` continues from the latest checkpoint; ``crashS``: rank 1 SIGKILLs itself in
@@ -25,8 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tilt import distributed  # noqa: E402
 from tilt.engine.hf import HFPolicy, SamplingConfig  # noqa: E402
 from tilt.engine.tiny import char_tokenizer, tiny_gpt2  # noqa: E402
-from tilt.recipes import dpo, kl_rl  # noqa: E402
+from tilt.recipes import bc, dpg, dpo, kl_rl, online_dpo, reward_model  # noqa: E402
+from tilt.preferences import BradleyTerry  # noqa: E402
 from tilt.recipes.common import build_optimizer  # noqa: E402
+from tilt.reward_fns import SequenceClassifierReward  # noqa: E402
+from tilt.target import TiltedTarget  # noqa: E402
 
 PROMPTS = ["the", "cat", "dog", "why", "sun", "map"]  # one length: no padding differences between batch splits
 STEPS = 4
@@ -57,6 +61,66 @@ def build_dpo(policy: HFPolicy) -> tuple[dpo.DPOConfig, dpo.PreferencePairs]:
     pairs = dpo.PreferencePairs(policy.rollout_from_ids(prompts, chosen), policy.rollout_from_ids(prompts, rejected))
     config = dpo.DPOConfig(beta=0.5, epochs=2, pairs_per_step=4, micro_batch_size=1, lr=1e-2)  # 4 steps
     return config, pairs
+
+
+OTHER = ("bc", "reward_model", "dpg", "dpg_adaptive", "online_dpo", "xpo")
+"""The recipes beyond KL-RL and DPO that must give the one-process result under several processes."""
+
+
+def train_other(recipe: str, on_step) -> tuple[torch.nn.Module, dict]:
+    """Train ``recipe`` (one of OTHER) on tiny seeded inputs, replicated on every rank; returns the trained module and
+    a copy of its initial weights.
+    Every step's global batch (4 prompts, pairs or demonstrations) splits evenly over 1, 2 or 4 processes."""
+    tok = char_tokenizer()
+    prompts = PROMPTS + ["hat", "bee"]
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]  # noqa: E731
+    if recipe == "reward_model":
+        from transformers import GPT2Config, GPT2ForSequenceClassification
+
+        torch.manual_seed(0)
+        model = GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tok), n_layer=2, n_embd=16, n_head=2, n_positions=32,
+                                                         num_labels=1, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+                                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))  # dropout: rank-dependent masks
+        distributed.replicate(model)
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        pairs = [{"prompt": p + " ", "chosen": "a" * (1 + i % 3), "rejected": "xyz"[: 1 + i % 3]} for i, p in enumerate(prompts)]
+        reward_model.train(reward_model.RewardModelConfig(epochs=2, pairs_per_step=4, lr=1e-2), SequenceClassifierReward(model, tok),
+                           pairs, on_step=on_step)
+        return model, initial
+    policy = tiny_policy(tok)
+    distributed.replicate(policy.model)
+    initial = {k: v.clone() for k, v in policy.model.state_dict().items()}
+    if recipe == "bc":
+        demos = policy.rollout_from_ids(prompts, [ids("a" * (1 + i % 4)) for i in range(len(prompts))])
+        bc.train(bc.BCConfig(steps=4, sequences_per_step=4, lr=1e-2, micro_batch_size=1, max_grad_norm=1.0), policy, demos,
+                 on_step=on_step)
+    elif recipe.startswith("dpg"):
+        ref = tiny_policy(tok)
+        mode = "adaptive" if recipe == "dpg_adaptive" else "on-policy"
+        config = dpg.DPGConfig(steps=STEPS, prompts_per_step=4, samples_per_prompt=3, lr=1e-2, mode=mode, proposal_update_interval=2,
+                               max_grad_norm=1.0)
+        dpg.train(config, policy, TiltedTarget(ref, share_of_a, beta=0.5), PROMPTS, on_step=on_step)
+    else:
+        ref = tiny_policy(tok)
+        scheme = "online-dpo" if recipe == "online_dpo" else "xpo"
+        config = online_dpo.OnlineDPOConfig(steps=STEPS, prompts_per_step=4, lr=1e-2, scheme=scheme, alpha=0.1 if scheme == "xpo" else 0.0,
+                                            beta=0.5, regime="streaming")
+        online_dpo.train(config, policy, ref, BradleyTerry(share_of_a, scale=5.0), PROMPTS, on_step=on_step)
+    return policy.model, initial
+
+
+def run_other(recipe: str, out: Path) -> None:
+    run_dir = out / f"other-{recipe}"
+    rows = []
+    model, _ = train_other(recipe, lambda step, metrics: rows.append({"step": step, **metrics}))
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # tied weights: one copy each
+    if distributed.is_main():
+        from safetensors.torch import save_file
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        save_file(state, str(run_dir / "final.safetensors"))
+        (run_dir / "result.json").write_text(json.dumps({"world_size": distributed.world_size()}))
 
 
 def prepare(policy: HFPolicy, mode: str):
@@ -134,6 +198,8 @@ def main(argv: list[str]) -> int:
     for job in jobs:
         if job == "errors":
             errors(out)
+        elif job.startswith("other:"):
+            run_other(job.split(":", 1)[1], out)
         else:
             recipe, mode, *flags = job.split(":")
             crash = [int(f[len("crash"):]) for f in flags if f.startswith("crash")]

@@ -2,7 +2,8 @@
 
 The multi-process tests share three launches of tests/dist_worker.py (each launch costs seconds of imports per
 process), made once by a fixture:
-  1. uninterrupted KL-RL (DDP), DPO (DDP) and KL-RL (FSDP2); then a copy of the KL-RL (DDP) job in which rank 1 is
+  1. uninterrupted KL-RL (DDP), DPO (DDP), KL-RL (FSDP2) and every other recipe (BC, reward model, DPG on-policy and
+     adaptive, online DPO, XPO; replicated); then a copy of the KL-RL (DDP) job in which rank 1 is
      killed with SIGKILL in the middle of step 2 (the launch fails);
   2. that copy relaunched with resume; then a copy of the KL-RL (FSDP2) job killed the same way;
   3. the FSDP2 copy relaunched with resume;
@@ -108,7 +109,8 @@ def launch(out: Path, *jobs: str, timeout: float = 120) -> subprocess.CompletedP
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    results = {"first": launch(out, "kl_rl:ddp", "dpo:ddp", "kl_rl:fsdp", "kl_rl:ddp:crash2")}
+    others = [f"other:{recipe}" for recipe in worker.OTHER]
+    results = {"first": launch(out, "kl_rl:ddp", "dpo:ddp", "kl_rl:fsdp", *others, "kl_rl:ddp:crash2", timeout=400)}
     results["second"] = launch(out, "kl_rl:ddp:resume", "kl_rl:fsdp:crash2")
     results["third"] = launch(out, "kl_rl:fsdp:resume")
     for _ in range(3):
@@ -166,6 +168,29 @@ def test_two_processes_match_one_kl_rl_and_dpo(runs):
     for key in ("loss", "reward_margin", "accuracy"):
         assert [r[key] for r in rows] == pytest.approx([m[key] for m in dpo_history], rel=1e-4, abs=1e-6), key
     assert_close_weights(weights, policy.model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", worker.OTHER)
+def test_two_processes_match_one_for_every_other_recipe(runs, recipe):
+    """BC, reward modelling, DPG (running log Z and proposal decisions shared by the ranks), online DPO and XPO (labels
+    drawn as in one process): the 2-process run logs the 1-process metrics and trains the same weights."""
+    out, results = runs
+    folder = out / f"other-{recipe}"
+    assert json.loads((folder / "result.json").read_text()) == {"world_size": 2}, results["first"].stderr[-3000:]
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    history = []
+    model, initial = worker.train_other(recipe, lambda step, metrics: history.append({"step": step, **metrics}))
+    assert max((w - initial[k]).abs().max().item() for k, w in model.state_dict().items()) > 1e-3  # it did train
+    assert len(rows) == len(history) >= 4
+    for row, expected in zip(rows, history):
+        assert set(row) == set(expected), recipe
+        for key, value in expected.items():
+            assert row[key] == pytest.approx(value, rel=1e-4, abs=1e-6, nan_ok=True), (recipe, row["step"], key)
+    from safetensors.torch import load_file
+
+    weights = load_file(str(folder / "final.safetensors"))
+    assert_close_weights(weights, model)
 
 
 @pytest.mark.slow

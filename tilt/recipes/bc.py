@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from tilt import distributed
 from tilt.math.bc import bc_loss, floored_token_logprobs
 from tilt.recipes.common import build_optimizer, lr_factor, micro_batches, prompt_indices, set_lr
 from tilt.rollout import Policy, Rollout
@@ -106,23 +107,31 @@ def _token_logprobs(config: BCConfig, policy: Policy, batch: Rollout) -> Tensor:
 
 
 def bc_step(config: BCConfig, policy: Policy, batch: Rollout, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    """One step of maximum likelihood on ``batch``. Returns its metrics (see docs/demo_rl.md)."""
-    n_tokens = int(batch.completion_mask.sum())
+    """One step of maximum likelihood on ``batch``. Returns its metrics (see docs/demo_rl.md).
+
+    Under several processes, ``batch`` is this rank's shard of the step: the loss is divided by the step's completion
+    tokens over all ranks, gradients are summed over ranks, and the metrics are the whole step's."""
+    n_tokens = distributed.all_sum_int(int(batch.completion_mask.sum()))  # the step's completion tokens, all ranks
     if n_tokens == 0:
         raise ValueError("the demonstrations have no completion tokens: check the completion_mask of the rollout")
     optimizer.zero_grad(set_to_none=True)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     total = 0.0
-    for part in micro_batches(len(batch), config.micro_batch_size):
+    parts = micro_batches(len(batch), config.micro_batch_size)
+    for i, part in enumerate(parts):
         sub = batch.take(part)
         per_seq = bc_loss(_token_logprobs(config, policy, sub), sub.completion_mask)  # (b,)
-        loss = per_seq.sum() / n_tokens  # the one reduction: mean over the step's completion tokens
-        loss.backward()
+        loss = per_seq.sum() / n_tokens  # the one reduction: mean over the step's completion tokens (of all ranks)
+        with distributed.accumulate(policy, sync=i == len(parts) - 1):
+            loss.backward()
         total += loss.item()
+    distributed.reduce_gradients(policy, params)  # sum over ranks; nothing in one process
     grad_norm = 0.0
     if config.max_grad_norm > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm))
+        grad_norm = distributed.as_float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
     optimizer.step()
-    return {"loss": total, "tokens": float(n_tokens), "sequences": float(len(batch)), "grad_norm": grad_norm}
+    total, sequences = distributed.all_sum([total, float(len(batch))])
+    return {"loss": total, "tokens": float(n_tokens), "sequences": sequences, "grad_norm": grad_norm}
 
 
 @torch.no_grad()
@@ -154,15 +163,19 @@ def train(
     ``demos``: a rollout whose ``completion_mask`` is True on the completion tokens to imitate. ``on_step(step,
     metrics)`` is called after each step. Returns the optimizer (with the policy and the step number, all a
     checkpoint needs: the batches are a pure function of the step).
+
+    Under several processes (``tilt.distributed.init``), every rank passes the same demonstrations; rank r clones the
+    r-th contiguous shard of each step's demonstrations (``sequences_per_step``, or all of them, must divide evenly).
     """
     if len(demos) == 0:
         raise ValueError("no demonstrations to clone")
     optimizer = optimizer or build_optimizer(config.optimizer, policy.parameters(), config.lr)
     per_step = config.sequences_per_step or len(demos)
+    positions = distributed.shard_positions(per_step)  # this rank's positions in each step (all of them in one process)
     for step in range(start_step, config.steps):
         set_lr(optimizer, config.lr * lr_factor(step, config.steps, config.lr_schedule, config.warmup_steps))
         indices = list(range(len(demos))) if config.sequences_per_step == 0 else prompt_indices(len(demos), step, per_step, config.seed)
-        metrics = bc_step(config, policy, demos.take(indices), optimizer)
+        metrics = bc_step(config, policy, demos.take([indices[p] for p in positions]), optimizer)
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"step {step}: the loss is {metrics['loss']}; lower the learning rate")
         if on_step is not None:

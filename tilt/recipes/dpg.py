@@ -37,6 +37,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from tilt import distributed
 from tilt.math import importance
 from tilt.math.fdiv import DIVERGENCES, f_divergence_loss, importance_weights, log_density_ratio, pseudo_reward, weighted_leave_one_out_baseline
 from tilt.math.masking import masked_sum
@@ -131,13 +132,21 @@ def dpg_step(
     state: DPGState,
     *,
     log_diagnostics: bool = True,
+    step_prompts: Sequence[Any] | None = None,
 ) -> dict[str, float]:
-    """One step: sample from the proposal, weigh, update. Returns the step's metrics (see docs/dpg.md)."""
+    """One step: sample from the proposal, weigh, update. Returns the step's metrics (see docs/dpg.md).
+
+    Under several processes, ``prompts`` and ``prompt_seeds`` are this rank's contiguous shard of the step's prompts
+    ``step_prompts`` (all ranks): the running log Z of every prompt of the step is updated from the weights of all
+    ranks (so the state is the same on every rank and equal to the one-process state), the loss is divided by the
+    global number of sequences, gradients are summed and the metrics computed over all ranks."""
     k = config.samples_per_prompt
+    step_prompts = list(prompts) if step_prompts is None else list(step_prompts)
+    first = distributed.shard_positions(len(step_prompts)).start * k  # this rank's first sequence in the step
     sampler = policy if config.mode == "on-policy" else state.proposal
     rollout = sampler.sample(prompts, k, prompt_seeds=prompt_seeds)
-    mask = rollout.completion_mask  # (B, T) True where a token counts
-    n_seq = len(rollout)
+    n_local = len(rollout)
+    n_seq = distributed.all_sum_int(n_local)  # the step's sequences over all ranks
 
     # q is the distribution actually sampled from (tempered or truncated if the engine was told so): its log-probs
     # are the rollout's, and the weights pi/q then correct for it (exactly unless truncation gives q zeros where pi has none)
@@ -148,17 +157,19 @@ def dpg_step(
     log_p_unnorm = tilted_log_weight(ref_seq, target.transform(rewards), beta=target.beta)  # (B,) log P, -inf off a filter
     log_w = log_p_unnorm - log_q  # (B,)
 
-    # running log Z per prompt, updated with this step's samples first
-    log_z = torch.empty(n_seq, dtype=log_q.dtype)
-    for p in range(n_seq // k):
-        key, part = _key(rollout.prompts[p * k]), slice(p * k, (p + 1) * k)
-        state.log_z[key] = state.log_z.get(key, importance.RunningLogZ()).updated(log_w[part])
-        log_z[part] = state.log_z[key].log_z
-    if not torch.isfinite(log_z).all():
+    # running log Z per prompt, updated with this step's samples (of every rank) first
+    (log_w_all,) = distributed.all_gather_cat(log_w)  # (N,) the whole step, in global order
+    log_z_all = torch.empty(n_seq, dtype=log_q.dtype)
+    for p, prompt in enumerate(step_prompts):
+        key, part = _key(prompt), slice(p * k, (p + 1) * k)
+        state.log_z[key] = state.log_z.get(key, importance.RunningLogZ()).updated(log_w_all[part])
+        log_z_all[part] = state.log_z[key].log_z
+    if not torch.isfinite(log_z_all).all():
         raise FloatingPointError(
             "every sample of a prompt so far has target weight 0 (the filter rejects them all), so Z cannot be "
             "estimated; use more samples per prompt or a proposal that reaches the filter"
         )
+    log_z = log_z_all[first: first + n_local]  # (B,) this rank's
 
     fdiv = DIVERGENCES[config.divergence]
     log_t = log_density_ratio(log_pi, log_p_unnorm, log_z)  # (B,) log pi/p
@@ -176,31 +187,39 @@ def dpg_step(
     advantages = rewards_f - baseline  # (B,)
 
     optimizer.zero_grad(set_to_none=True)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     total_loss = 0.0
-    for part in micro_batches(n_seq, config.micro_batch_size):
+    parts = micro_batches(n_local, config.micro_batch_size)
+    for i, part in enumerate(parts):
         sub = rollout.take(part)
         tok = policy.token_logprobs(sub)  # (b, T) with grad
         loss = f_divergence_loss(tok, advantages[part], weights[part], sub.completion_mask).sum() / n_seq
-        loss.backward()  # the one reduction: mean over the step's sequences
+        with distributed.accumulate(policy, sync=i == len(parts) - 1):
+            loss.backward()  # the one reduction: mean over the step's sequences (of all ranks)
         total_loss += loss.item()
+    distributed.reduce_gradients(policy, params)  # sum over ranks; nothing in one process
     grad_norm = 0.0
     if config.max_grad_norm > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm))
+        grad_norm = distributed.as_float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
     optimizer.step()
+    (total_loss,) = distributed.all_sum([total_loss])
 
-    kl_ref = weights * (log_pi - ref_seq)  # IS estimate of KL(pi || pi_ref) per sample
+    # metrics over the whole step: per-sequence values of every rank, in global batch order
+    weights_all, rewards_all, log_pi_all, ref_all, adv_all, log_p_all, log_q_all = distributed.all_gather_cat(
+        weights, rewards, log_pi, ref_seq, advantages, log_p_unnorm, log_q)
+    kl_ref = weights_all * (log_pi_all - ref_all)  # IS estimate of KL(pi || pi_ref) per sample
     metrics = {
         "loss": total_loss,
-        "reward": (weights * rewards).mean().item(),
+        "reward": (weights_all * rewards_all).mean().item(),
         "kl_ref": kl_ref.mean().item(),
-        "log_z_running": log_z.view(-1, k)[:, 0].mean().item(),
-        "advantage_abs": advantages.abs().mean().item(),
-        "importance_weight_max": weights.max().item(),
+        "log_z_running": log_z_all.view(-1, k)[:, 0].mean().item(),
+        "advantage_abs": adv_all.abs().mean().item(),
+        "importance_weight_max": weights_all.max().item(),
         "grad_norm": grad_norm,
         "proposal_updates": float(state.proposal_updates),
     }
     if log_diagnostics:
-        metrics.update(importance.target_metrics(log_p_unnorm.view(-1, k), log_q.view(-1, k), log_pi.view(-1, k)))
+        metrics.update(importance.target_metrics(log_p_all.view(-1, k), log_q_all.view(-1, k), log_pi_all.view(-1, k)))
 
     if config.mode == "adaptive":
         state.pending.append((rollout, log_p_unnorm.view(-1, k), log_q.view(-1, k)))
@@ -216,7 +235,8 @@ def maybe_update_proposal(config: DPGConfig, policy: Policy, state: DPGState) ->
         log_pi = _seq(policy, rollout, config.micro_batch_size).view_as(log_q)
         kl_pi.append(importance.kl_target_policy(log_p, log_q, log_pi).value)
         kl_q.append(importance.kl_target_policy(log_p, log_q, log_q).value)
-    est_pi, est_q = torch.cat(kl_pi).mean().item(), torch.cat(kl_q).mean().item()
+    all_pi, all_q = distributed.all_gather_cat(torch.cat(kl_pi), torch.cat(kl_q))  # every rank's prompts
+    est_pi, est_q = all_pi.mean().item(), all_q.mean().item()
     replaced = est_pi < est_q
     if replaced:
         state.proposal = frozen_copy(policy)
@@ -241,19 +261,26 @@ def train(
     ``on_step(step, metrics)`` is called after each step. Returns the optimizer and the state (running log Z,
     proposal), which a checkpoint needs besides the policy and the step number. In adaptive mode the initial
     proposal is a frozen copy of ``policy`` unless ``state.proposal`` is given.
+
+    Under several processes (``tilt.distributed.init``), every rank passes the same config and prompts; rank r takes
+    the r-th contiguous shard of each step's ``prompts_per_step`` prompts (which must divide evenly), and the state
+    (running log Z, proposal decisions) stays the same on every rank.
     """
     if len(prompts) == 0:
         raise ValueError("no prompts to train on")
+    distributed.check_same_config({"recipe": "dpg", **asdict(config), "prompts": distributed.config_hash(list(prompts))})
+    positions = distributed.shard_positions(config.prompts_per_step)  # range(prompts_per_step) in one process
     optimizer = optimizer or build_optimizer(config.optimizer, policy.parameters(), config.lr)
     state = state or DPGState()
     if config.mode == "adaptive" and state.proposal is None:
         state.proposal = frozen_copy(policy)
     for step in range(start_step, config.steps):
         set_lr(optimizer, config.lr * lr_factor(step, config.steps, config.lr_schedule, config.warmup_steps))
-        batch = [prompts[i] for i in prompt_indices(len(prompts), step, config.prompts_per_step, config.seed)]
+        step_prompts = [prompts[i] for i in prompt_indices(len(prompts), step, config.prompts_per_step, config.seed)]
         diag = config.diagnostics_interval > 0 and step % config.diagnostics_interval == 0
-        seeds = step_prompt_seeds(config.seed, step, range(len(batch)))
-        metrics = dpg_step(config, policy, target, batch, optimizer, seeds, state, log_diagnostics=diag)
+        seeds = step_prompt_seeds(config.seed, step, positions)  # by global position: same samples at any world size
+        metrics = dpg_step(config, policy, target, [step_prompts[p] for p in positions], optimizer, seeds, state,
+                           log_diagnostics=diag, step_prompts=step_prompts)
         if config.mode == "adaptive" and (step + 1) % config.proposal_update_interval == 0:
             metrics.update(maybe_update_proposal(config, policy, state))
         if not math.isfinite(metrics["loss"]):

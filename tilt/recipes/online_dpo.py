@@ -50,6 +50,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from tilt import distributed
 from tilt.math import importance
 from tilt.math.masking import masked_sum
 from tilt.math.preference import dpo_sigmoid_loss, implicit_reward, ipo_loss, xpo_bonus
@@ -129,13 +130,20 @@ class LabelledPairs:
 
 @torch.no_grad()
 def collect_pairs(config: OnlineDPOConfig, policy: Policy, ref: Policy, oracle: PreferenceOracle, prompts: Sequence[Any],
-                  prompt_seeds: Sequence[int], label_generator: torch.Generator) -> LabelledPairs:
+                  prompt_seeds: Sequence[int], label_generator: torch.Generator, *, first_pair: int = 0) -> LabelledPairs:
     """Sample one pair per prompt under the config's scheme and label it.
 
     ``online-dpo``: one ``policy.sample(prompts, 2)`` call (each prompt pre-filled once), prompt p's two samples
     from ``prompt_seeds[p]``: the first is A, the second B. ``pairs`` / ``xpo``: A from the policy with
     ``prompt_seeds[p]`` and B from pi_ref with a seed derived from it, so that A and B differ even while the
-    policy equals the reference. The oracle draws (Bradley-Terry labels, random tie-breaks) from ``label_generator``."""
+    policy equals the reference. The oracle draws (Bradley-Terry labels, random tie-breaks) from ``label_generator``.
+
+    Under several processes, ``prompts`` are this rank's shard of the step and ``first_pair`` the global position of
+    its first prompt: the generator is first advanced by ``first_pair`` float64 uniforms, so that the oracles that draw
+    one uniform per pair (``BradleyTerry``, ``RewardComparison``; ``Judge`` draws none) give every pair the label it
+    gets in one process."""
+    if first_pair:
+        torch.rand(first_pair, generator=label_generator, dtype=torch.float64)  # the draws of the ranks before this one
     if config.scheme == "online-dpo":
         both = policy.sample(prompts, 2, prompt_seeds=prompt_seeds)  # (2P,) grouped: rows 2p, 2p + 1 are prompt p's
         a, b = both.take(slice(0, None, 2)), both.take(slice(1, None, 2))  # (P,) each
@@ -182,19 +190,23 @@ def refit(config: OnlineDPOConfig, policy: Policy, data: Sequence[LabelledPairs]
 
     Returns the metrics and (B,) log pi(y~) of the last batch's reference samples (the fresh pairs, in both regimes),
     detached, as the loss computed it before this gradient step (NaN under ``online-dpo``): the target diagnostics'."""
-    n = sum(len(p.a) for p in data)
+    n = distributed.all_sum_int(sum(len(p.a) for p in data))  # pairs in the objective, over all ranks
     optimizer.zero_grad(set_to_none=True)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     sums: dict[str, float] = {}
-    for pairs in data:
+    for i, pairs in enumerate(data):
         per_pair, parts = pair_losses(config, policy, pairs, alpha=alpha, beta=beta)
-        loss = per_pair.sum() / n  # the one reduction: mean over all pairs in the objective
-        loss.backward()
+        loss = per_pair.sum() / n  # the one reduction: mean over all pairs in the objective (of all ranks)
+        with distributed.accumulate(policy, sync=i == len(data) - 1):
+            loss.backward()
         sums["loss"] = sums.get("loss", 0.0) + loss.item()
         for key, value in parts.items():
             sums[key] = sums.get(key, 0.0) + value.nansum().item()
+    distributed.reduce_gradients(policy, params)  # sum over ranks; nothing in one process
     if config.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
     optimizer.step()
+    sums = dict(zip(sums, distributed.all_sum(list(sums.values()))))
     decided = max(sums["decided"], 1.0)
     return {
         "loss": sums["loss"],
@@ -209,7 +221,8 @@ def kl_ref_estimate(pairs: LabelledPairs) -> float:
     update); NaN when the policy sampled with a modified distribution (temperature, top-k/p), whose log-probs differ."""
     if not pairs.a.sampled_from_policy:
         return float("nan")
-    return (masked_sum(pairs.a.sample_token_logprobs, pairs.a.completion_mask) - pairs.ref_a).mean().item()
+    (k1,) = distributed.all_gather_cat(masked_sum(pairs.a.sample_token_logprobs, pairs.a.completion_mask) - pairs.ref_a)
+    return k1.mean().item()  # over every rank's pairs
 
 
 def target_diagnostics(pairs: LabelledPairs, *, scale: float, beta: float, ref_sample_logprob: Tensor | None = None) -> dict[str, float]:
@@ -238,6 +251,7 @@ def target_diagnostics(pairs: LabelledPairs, *, scale: float, beta: float, ref_s
     ref = torch.stack([pairs.ref_a, pairs.ref_b], -1).double()  # (P, 2)
     rewards = torch.stack([pairs.rewards_a, pairs.rewards_b], -1).to(ref)  # (P, 2)
     log_q = torch.logaddexp(log_pi, ref) - math.log(2) if pairs.b_from_ref else log_pi  # (P, 2)
+    log_pi, ref, rewards, log_q = distributed.all_gather_cat(log_pi, ref, rewards, log_q)  # every rank's prompts
     return importance.target_metrics(ref + scale * rewards / beta, log_q, log_pi)
 
 
@@ -267,6 +281,11 @@ def train(
     this list (pass one to save it in a checkpoint from ``on_step``). ``start_step`` resumes a run: steps before it
     are skipped (prompts, samples and labels are pure functions of the step); the policy and ``optimizer`` must hold
     their state after ``start_step`` steps and, in the cumulative regime, ``stored`` the pairs of those steps.
+
+    Under several processes (``tilt.distributed.init``), every rank passes the same config and prompts; rank r
+    samples, labels and trains on the r-th contiguous shard of each step's ``prompts_per_step`` prompts (which must
+    divide evenly), with the labels it would get in one process; in the cumulative regime ``stored`` holds this
+    rank's pairs only, so a checkpoint must keep each rank's.
     """
     if len(prompts) == 0:
         raise ValueError("no prompts to train on")
@@ -279,12 +298,15 @@ def train(
     if config.regime == "streaming" and stored:
         raise ValueError("the streaming regime stores no pairs; pass stored=None (or an empty list)")
     optimizer = optimizer or build_optimizer(config.optimizer, policy.parameters(), config.lr)
-    positions = range(config.prompts_per_step)
+    distributed.check_same_config({"recipe": "online_dpo", **asdict(config), "prompts": distributed.config_hash(list(prompts))})
+    positions = distributed.shard_positions(config.prompts_per_step)  # range(prompts_per_step) in one process
     for step in range(start_step, config.steps):
         alpha, beta = scheduled(config.alpha, step), scheduled(config.beta, step)
-        batch = [prompts[i] for i in prompt_indices(len(prompts), step, config.prompts_per_step, config.seed)]
-        seeds = step_prompt_seeds(config.seed, step, positions)  # by position in the step: independent of the batch
-        pairs = collect_pairs(config, policy, ref, oracle, batch, seeds, step_generator(config.seed, step, "labels"))
+        step_prompts = prompt_indices(len(prompts), step, config.prompts_per_step, config.seed)  # global, all ranks
+        batch = [prompts[step_prompts[p]] for p in positions]
+        seeds = step_prompt_seeds(config.seed, step, positions)  # by global position: independent of batch and ranks
+        pairs = collect_pairs(config, policy, ref, oracle, batch, seeds, step_generator(config.seed, step, "labels"),
+                              first_pair=positions.start)
         if config.regime == "cumulative":
             stored.append(pairs)
             data = stored
@@ -296,11 +318,11 @@ def train(
                 fresh_ref_sample_logprob = ref_sample_logprob  # (P,) log pi_t(y~) before the step's update
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"step {step}: the loss is {metrics['loss']}; lower the learning rate")
-        labels = pairs.a_preferred
+        (labels,) = distributed.all_gather_cat(pairs.a_preferred)  # (P,) every rank's
         metrics.update(
             alpha=alpha,
             beta=beta,
-            pairs=float(sum(len(p.a) for p in data)),
+            pairs=float(distributed.all_sum_int(sum(len(p.a) for p in data))),
             policy_sample_win_rate=labels.mean().item(),
             tie_fraction=(labels == TIE).to(torch.float64).mean().item(),
             kl_ref=kl_ref_estimate(pairs),

@@ -10,6 +10,11 @@ reward anywhere by its folder (``tilt.reward_fns.reward_from_spec``).
 
 Batch semantics: a step takes ``pairs_per_step`` pairs; an epoch is one pass over a seeded permutation.
 Loss reduction: mean over the step's pairs. Accuracy counts a tie (equal rewards) as one half.
+
+Several processes (``torchrun``; docs/distributed.md): rank r scores the r-th contiguous shard of each step's pairs
+(``pairs_per_step`` must be a multiple of the world size); the loss is divided by the step's pairs over all ranks and
+gradients are summed, so the update equals the one-process update (a model with dropout draws its masks from each
+rank's own generator, so it matches the one-process run in distribution, not bit for bit).
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from tilt import distributed
 from tilt.math.preference import bradley_terry_loss
 from tilt.math.winrate import win_probability
 from tilt.recipes.common import build_optimizer, lr_factor, prompt_indices, set_lr
@@ -79,20 +85,25 @@ def train(
         raise ValueError("no preference pairs to train on")
     steps = num_steps(config, len(pairs))
     optimizer = optimizer or build_optimizer("adamw", reward.model.parameters(), config.lr)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    positions = distributed.shard_positions(config.pairs_per_step)  # this rank's positions (all of them in one process)
     reward.model.train()
     for step in range(start_step, steps):
         set_lr(optimizer, config.lr * lr_factor(step, steps, config.lr_schedule))
-        batch = [pairs[i] for i in prompt_indices(len(pairs), step, config.pairs_per_step, config.seed)]
-        chosen, rejected = pair_texts(batch)
+        step_pairs = prompt_indices(len(pairs), step, config.pairs_per_step, config.seed)  # global, all ranks
+        chosen, rejected = pair_texts([pairs[step_pairs[p]] for p in positions])
         rc, rr = reward.scores(chosen), reward.scores(rejected)  # (b,), (b,)
-        loss = bradley_terry_loss(rc, rr).mean()  # mean over the step's pairs
+        loss = bradley_terry_loss(rc, rr).sum() / len(step_pairs)  # the one reduction: mean over the step's pairs (all ranks)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with distributed.accumulate(reward.model, sync=True):
+            loss.backward()
+        distributed.reduce_gradients(reward.model, params)  # sum over ranks; nothing in one process
         optimizer.step()
+        margin = (rc - rr).detach()
+        wins = win_probability(margin.double(), torch.zeros(())).sum().item()  # a tie counts one half
+        total_loss, wins, margin_sum = distributed.all_sum([loss.item(), wins, margin.sum().item()])  # every rank joins
         if on_step is not None:
-            margin = (rc - rr).detach()
-            on_step(step, {"loss": loss.item(), "accuracy": win_probability(margin.double(), torch.zeros(())).mean().item(),
-                           "margin": margin.mean().item()})
+            on_step(step, {"loss": total_loss, "accuracy": wins / len(step_pairs), "margin": margin_sum / len(step_pairs)})
     reward.model.eval()
     return optimizer
 
