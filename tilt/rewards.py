@@ -3,7 +3,8 @@
 **Calling convention.** A reward is any callable returning one number per completion. It is called as its
 signature asks (``calling_convention`` reads it with ``inspect.signature``; nothing is retried on TypeError):
 
-* a function with a parameter named ``completions`` (or only ``**kwargs``) is called **by keyword**, as TRL's
+* a function with a parameter named ``prompts``, ``completions`` or ``completion_ids``, or one that takes
+  ``**kwargs`` and fewer than two positional parameters, is called **by keyword**, as TRL's
   trainers call ``reward_funcs``: ``f(prompts=..., completions=..., completion_ids=..., **columns)``, where
   ``columns`` are the data's other columns, one value per completion. Keywords it does not declare are left out
   unless it takes ``**kwargs``; ``completion_ids`` is passed only when the caller has them.
@@ -70,10 +71,10 @@ def calling_convention(fn: RewardFn) -> CallingConvention:
     var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
     named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     accepts = None if var_kw else frozenset(p.name for p in named)
-    if "completions" in {p.name for p in named} or (var_kw and not any(p.kind is not p.VAR_KEYWORD for p in params)):
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if {"prompts", "completions", "completion_ids"} & {p.name for p in named} or (var_kw and len(positional) < 2):
         required = frozenset(p.name for p in named if p.default is p.empty) - {"prompts", "completions"}
         return CallingConvention(by_keyword=True, accepts=accepts, required=required)
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(positional) < 2 and not any(p.kind is p.VAR_POSITIONAL for p in params):
         raise ValueError(
             f"cannot tell how to call the reward {reward_name(fn)}{sig}: name its parameters as TRL does "
