@@ -9,7 +9,7 @@ import string
 import pytest
 import torch
 
-from tilt.data import DataConfig, load_data
+from tilt.data import load_data
 from tilt.reward_fns import reward_from_specs
 from tilt.rewards import (RewardError, Rewards, RewardTerm, calling_convention, reward_metrics, score_rewards,
                           score_rollout)

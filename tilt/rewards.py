@@ -375,13 +375,6 @@ def reward_metrics(scores: RewardScores, *, prefix: str = "rewards/") -> dict[st
     return out
 
 
-def weighted_sum(rewards: Sequence[tuple[float, RewardFn]]) -> Rewards:
-    """sum_i w_i * f_i for a list of (weight, reward) pairs, as a ``Rewards`` (names from the functions, made
-    unique)."""
-    return Rewards(tuple(RewardTerm(name=n, fn=fn, weight=float(w))
-                         for n, (w, fn) in zip(unique_names([reward_name(fn) for _, fn in rewards]), rewards)))
-
-
 def unique_names(names: Sequence[str]) -> list[str]:
     """``names`` with a repeated name suffixed _2, _3, ... in order of appearance."""
     out, counts = [], {}
