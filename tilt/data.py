@@ -56,9 +56,8 @@ from typing import Any, Sequence
 FORMATS = ("prompts", "demonstrations", "preferences", "unpaired_preferences", "conversations", "language_modeling")
 OVERLONG = ("error", "truncate", "skip")
 ROLES = ("system", "developer", "user", "assistant", "tool")
-_TEXT_FIELDS = ("prompt", "completion", "chosen", "rejected")
-_CHAT_FIELDS = ("prompt", "completion", "chosen", "rejected", "messages")  # may hold a list of messages
-_NOT_COLUMNS = frozenset(("prompt", "completion", "chosen", "rejected", "messages"))  # never passed to a reward
+_CHAT_FIELDS = frozenset(("prompt", "completion", "chosen", "rejected", "messages"))  # may hold a list of messages;
+# the same fields are never passed to a reward as columns (reward_columns)
 _LOOKS_LIKE_CHAT = re.compile(r"^\s*\[\s*\{")  # a list of objects written as text
 _SANE_CONTEXT = 1 << 24  # tokenizers without a limit report ~1e30 as model_max_length
 _BAD_BYTES = re.compile("[\udc80-\udcff]")  # what surrogateescape leaves for an undecodable byte
@@ -388,7 +387,7 @@ def _shape_name(fmt: str, row: dict, conversational: bool) -> str:
 def reward_columns(row: dict) -> dict:
     """The columns of a normalised row that a reward receives by keyword: all but prompt, completion, chosen,
     rejected and messages (TRL passes every dataset column but the prompt and completion)."""
-    return {k: v for k, v in row.items() if k not in _NOT_COLUMNS}
+    return {k: v for k, v in row.items() if k not in _CHAT_FIELDS}
 
 
 def _decode_cell(value: Any, name: str, out: list[tuple[str, str]]) -> Any:
@@ -452,7 +451,7 @@ def check_row(row: dict, fmt: str) -> tuple[dict | None, list[tuple[str, str]]]:
     row = {k: (_decode_cell(v, k, out) if k in _CHAT_FIELDS else v) for k, v in row.items()}
     if out:
         return None, out
-    extra = {k: v for k, v in row.items() if k not in _NOT_COLUMNS}
+    extra = {k: v for k, v in row.items() if k not in _CHAT_FIELDS}
     if fmt == "prompts":
         if "prompt" not in row and "messages" in row:
             prompt = _check_messages(row["messages"], "messages", out)
