@@ -248,3 +248,7 @@ def test_cli_checks_the_context_of_a_model(tmp_path, capsys, tok):
     assert code == 0 and "the longest prompt has 13 tokens; every prompt + 3 new tokens fits in 16" in out
     code, out = run_cli(["data", "check", str(path), "--tokenizer", str(folder), "--context-length", "12", "--json"], capsys)
     assert code == 1 and {e["row"] for e in json.loads(out)["errors"]} == {2}
+    with pytest.raises(ValueError, match="need a tokenizer to count tokens"):
+        run_cli(["data", "check", str(path), "--max-new-tokens", "3"], capsys)
+    code, out = run_cli(["data", "check", str(path), "--tokenizer", str(folder), "--max-new-tokens", "3"], capsys)
+    assert code == 0 and "context: not checked" in out  # the character tokenizer sets no model_max_length

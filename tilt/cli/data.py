@@ -98,8 +98,8 @@ def run_check(args) -> int:
         tokenizer = load_tokenizer(args.tokenizer or folder)
     elif args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
-    if args.context_length is not None and tokenizer is None:
-        raise ValueError("--context-length needs a tokenizer to count tokens: give --tokenizer or --model")
+    if (args.context_length is not None or args.max_new_tokens is not None) and tokenizer is None:
+        raise ValueError("--context-length and --max-new-tokens need a tokenizer to count tokens: give --tokenizer or --model")
     try:
         with warnings.catch_warnings():  # printed below, once, with the result
             warnings.simplefilter("ignore")
@@ -141,6 +141,9 @@ def run_check(args) -> int:
             f"{args.max_new_tokens or 0} new tokens"
         print(f"context: the longest prompt has {longest} tokens; every prompt + {budget} fits in {context[0]} "
               f"({context[1]})")
+    elif args.max_new_tokens is not None:
+        print("context: not checked (no context length known: the tokenizer sets no sane model_max_length; give --model "
+              "or --context-length)")
     for note in data.warnings:
         print(f"warning: {note}")
     return 0
