@@ -174,6 +174,7 @@ def test_completion_ids_are_the_sampled_tokens_up_to_eos(rewards_file):
                       truncated=torch.zeros(2, dtype=torch.bool), sample_token_logprobs=torch.zeros(2, 4),
                       samples_per_prompt=1)
     assert score_rollout(r, rollout).tolist() == [3.0, 2.0]
+    assert score_rollout(lambda completion_ids: [float(i[0]) for i in completion_ids], rollout).tolist() == [5.0, 7.0]
     with pytest.raises(RewardError, match="token_count needs 'completion_ids'"):
         score_rewards(r, ["a"], ["xy"])
 

@@ -97,9 +97,8 @@ def call_reward(fn: RewardFn, prompts: Sequence[Any], completions: Sequence[Any]
             f"(it passes prompts, completions and: {have}). Add the column to the data, or give the parameter a default.")
     kwargs = columns if conv.accepts is None else {k: v for k, v in columns.items() if k in conv.accepts}
     if conv.by_keyword:
-        if conv.accepts is None or "prompts" in conv.accepts:
-            kwargs = {"prompts": list(prompts), **kwargs}
-        return fn(completions=list(completions), **kwargs)
+        batch = {"prompts": list(prompts), "completions": list(completions)}
+        return fn(**{k: v for k, v in batch.items() if conv.accepts is None or k in conv.accepts}, **kwargs)
     return fn(list(prompts), list(completions), **kwargs)
 
 
