@@ -376,9 +376,9 @@ def test_nonfinite_rewards_error_or_are_skipped_and_counted(user_file):
     assert out.values.tolist() == [1.0, 0.0, 0.0, 1.0]
     with pytest.raises(RewardError, match="returned 1 values for 4 completions"):
         score_rewards_masked(reward_from_spec(f"{user_file}:too_few"), prompts, completions, nonfinite="skip")
-    for name in ("returns_none", "returns_text"):
+    for name, message in (("returns_none", "not a sequence of floats"), ("returns_text", r"returned 'good' for sample 0 of 4 \(not a number\)")):
         for mode in ("error", "skip"):
-            with pytest.raises(RewardError, match="not a sequence of floats"):
+            with pytest.raises(RewardError, match=message):
                 score_rewards_masked(reward_from_spec(f"{user_file}:{name}"), prompts, completions, nonfinite=mode)
     with pytest.raises(ValueError, match="nonfinite"):
         score_rewards_masked(fn, prompts, completions, nonfinite="ignore")

@@ -8,38 +8,58 @@ number, blank lines included; for CSV the header is not a row).
 Text files are read as bytes and decoded row by row (undecodable bytes kept as lone surrogates), so that a row
 with invalid UTF-8 is reported by its number and field instead of failing the whole file.
 
-The standard shapes (``fmt``), with the columns each row needs:
+The shapes (``fmt``), with the columns each row needs, and TRL's name for each:
 
-===============  ======================================================================================
-prompts          ``prompt`` (text, or a list of chat messages), or ``messages`` (the whole chat is the prompt)
-demonstrations   ``prompt`` and ``completion`` (text, or messages), or ``messages`` ending with an assistant turn
-preferences      ``prompt``, ``chosen``, ``rejected``; or ``chosen`` and ``rejected`` as whole chats that share
-                 their turns up to a final assistant turn (the shared turns are the prompt)
-conversations    ``messages``: a chat ending with an assistant turn (prompt = the turns before it)
-===============  ======================================================================================
+====================  ===================================================================  ========================
+prompts               ``prompt`` (text, or a list of chat messages), or ``messages``        prompt-only
+                      (the whole chat is the prompt)
+demonstrations        ``prompt`` and ``completion``, or ``messages`` ending with an         prompt-completion
+                      assistant turn
+preferences           ``prompt``, ``chosen``, ``rejected``; or only ``chosen`` and          preference (explicit or
+                      ``rejected`` sharing a prefix (text) or their turns up to a final     implicit prompt)
+                      assistant turn (chats): the shared part is the prompt
+unpaired_preferences  ``prompt``, ``completion`` and ``label`` (a bool)                     unpaired preference
+conversations         ``messages``: a chat ending with an assistant turn                    language modeling
+                      (prompt = the turns before it)                                        (conversational)
+language_modeling     ``text``, or ``messages`` (any chat)                                  language modeling
+====================  ===================================================================  ========================
 
-A chat message is ``{"role": "system"|"developer"|"user"|"assistant"|"tool", "content": str}``. With a
-tokenizer, chat prompts are rendered with its chat template (``add_generation_prompt=True``) and completions
-become the final assistant turn's text; without one, a chat prompt stays a list of messages.
+With ``fmt=None`` the shape is inferred from each row's columns (``infer_format``); every row must agree with
+the first, and ``Data.fmt``/``Data.shape`` say what was found. Each shape is *conversational* when its prompt
+or replies are chats, *standard* when they are text.
+
+A chat message is ``{"role": "system"|"developer"|"user"|"assistant"|"tool", "content": str}``. A chat written as
+text in a cell (CSV has no lists; ``"[{'role': 'user', ...}]"``) is parsed as JSON or as a Python literal
+(``ast.literal_eval``, never ``eval``), or reported as a bad row: it is never kept as text. With a tokenizer, chat
+prompts are rendered with its chat template (``add_generation_prompt=True``) and completions become the final
+assistant turn's text; without one, a chat prompt stays a list of messages.
 
 Checked rows come out *normalised*: ``prompt`` (str, or messages without a tokenizer) and, by shape,
-``completion`` or ``chosen``/``rejected`` (str); every other column of the row is kept unchanged, so that it
-reaches a reward as ``f(prompts, completions, **columns)``.
+``completion``, ``chosen``/``rejected``, ``completion``/``label``, or ``text``/``messages``; every other column of
+the row is kept unchanged, so that it reaches a reward as a keyword argument (``reward_columns``).
+
+Before a run, ``check_context`` compares each prompt's tokens plus the completion budget with the model's context
+(``model_context_length``) and names the rows that do not fit.
 """
 from __future__ import annotations
 
+import ast
 import csv
 import io
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-FORMATS = ("prompts", "demonstrations", "preferences", "conversations")
+FORMATS = ("prompts", "demonstrations", "preferences", "unpaired_preferences", "conversations", "language_modeling")
 OVERLONG = ("error", "truncate", "skip")
 ROLES = ("system", "developer", "user", "assistant", "tool")
-_TEXT_FIELDS = ("prompt", "completion", "chosen", "rejected")
+_CHAT_FIELDS = frozenset(("prompt", "completion", "chosen", "rejected", "messages"))  # may hold a list of messages;
+# the same fields are never passed to a reward as columns (reward_columns)
+_LOOKS_LIKE_CHAT = re.compile(r"^\s*\[\s*\{")  # a list of objects written as text
+_SANE_CONTEXT = 1 << 24  # tokenizers without a limit report ~1e30 as model_max_length
 _BAD_BYTES = re.compile("[\udc80-\udcff]")  # what surrogateescape leaves for an undecodable byte
 
 
@@ -75,7 +95,9 @@ class DataError(ValueError):
 class DataConfig:
     """How data files are read and checked."""
 
-    fmt: str = field(default="prompts", metadata={"help": "the shape of each row: prompts, demonstrations, preferences or conversations"})
+    fmt: str | None = field(default=None, metadata={
+        "help": "the shape of each row: prompts, demonstrations, preferences, unpaired_preferences, conversations or "
+                "language_modeling; None = inferred from the columns (every row must agree)"})
     max_prompt_tokens: int | None = field(
         default=None, metadata={"help": "token budget of a prompt (as the policy encodes it); None = no limit. Needs a tokenizer"})
     overlong: str = field(
@@ -84,8 +106,8 @@ class DataConfig:
     split: str | None = field(default=None, metadata={"help": "split of a saved DatasetDict folder; None = its only split, or 'train'"})
 
     def __post_init__(self):
-        if self.fmt not in FORMATS:
-            raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {self.fmt!r}")
+        if self.fmt is not None and self.fmt not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)} (or None to infer it); got {self.fmt!r}")
         if self.overlong not in OVERLONG:
             raise ValueError(f"overlong must be one of {', '.join(OVERLONG)}; got {self.overlong!r}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
@@ -97,11 +119,16 @@ class Data:
     """Checked, normalised rows and what happened to the others."""
 
     rows: list[dict]
-    fmt: str
+    fmt: str  # the shape the rows were checked as (given, or inferred)
     n_read: int  # rows in the file
     n_truncated: int  # prompts cut from the left to fit max_prompt_tokens
     n_skipped: int  # rows dropped for an over-long prompt (overlong="skip")
     row_numbers: list[int]  # the 1-based file row of each kept row
+    inferred: bool = False  # True when fmt was inferred from the columns
+    shape: str = ""  # TRL's name of the shape found, e.g. "preference (implicit prompt), conversational"
+    conversational: bool = False  # True when the prompts or replies are chats
+    n_identical_pairs: int = 0  # preference rows whose chosen and rejected are the same
+    warnings: tuple[str, ...] = ()  # things worth telling the user that do not stop a run
 
 
 # --- reading -----------------------------------------------------------------------------------------------------
@@ -320,14 +347,117 @@ def _check_prompt(row: dict, out: list[tuple[str, str]]) -> str | list[dict] | N
     return _check_text(row, "prompt", out)
 
 
+# --- shapes ------------------------------------------------------------------------------------------------------
+def infer_format(row: dict) -> str:
+    """The shape a row's columns name (TRL's conventions, see the module docstring). Raises ValueError for columns
+    that name no shape tilt reads."""
+    keys = set(row)
+    if {"chosen", "rejected"} <= keys:
+        return "preferences"
+    if {"prompt", "completion", "label"} <= keys:
+        return "unpaired_preferences"
+    if {"prompt", "completion"} <= keys:
+        return "demonstrations"
+    if {"prompt", "completions", "labels"} <= keys:
+        raise ValueError("the columns prompt, completions, labels are TRL's stepwise-supervision shape, which no tilt "
+                         "recipe reads; give one completion per row (prompt, completion)")
+    if "prompt" in keys:
+        return "prompts"
+    if "messages" in keys:
+        return "conversations"
+    if "text" in keys:
+        return "language_modeling"
+    raise ValueError(f"cannot tell the shape of a row with the columns {_fields(row)}: expected prompt (prompt-only), "
+                     "prompt + completion, prompt + chosen + rejected, chosen + rejected (implicit prompt), prompt + "
+                     "completion + label (unpaired preference), messages, or text; or give the format")
+
+
+def _shape_name(fmt: str, row: dict, conversational: bool) -> str:
+    """TRL's name of a row's shape, e.g. "preference (implicit prompt), conversational"."""
+    name = {"prompts": "prompt-only", "demonstrations": "prompt-completion", "unpaired_preferences": "unpaired preference",
+            "conversations": "language modeling (chat ending with the assistant's reply)",
+            "language_modeling": "language modeling"}.get(fmt)
+    if fmt == "preferences":
+        name = "preference (explicit prompt)" if "prompt" in row else "preference (implicit prompt)"
+    if fmt in ("prompts", "demonstrations") and "prompt" not in row and "messages" in row:
+        name += " (from messages)"
+    return f"{name}, {'conversational' if conversational else 'standard'}"
+
+
+def reward_columns(row: dict) -> dict:
+    """The columns of a normalised row that a reward receives by keyword: all but prompt, completion, chosen,
+    rejected and messages (TRL passes every dataset column but the prompt and completion)."""
+    return {k: v for k, v in row.items() if k not in _CHAT_FIELDS}
+
+
+def _decode_cell(value: Any, name: str, out: list[tuple[str, str]]) -> Any:
+    """A chat written as text (a CSV cell) parsed back into a list: as JSON, else as a Python literal
+    (``ast.literal_eval``, which evaluates no code). Text that does not look like a list of objects is returned as
+    it is; text that does but parses neither way is a problem, never a prompt."""
+    if not isinstance(value, str) or not _LOOKS_LIKE_CHAT.match(value):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as json_exc:
+        try:
+            return ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
+            out.append((name, f"looks like a list of chat messages written as text, but is neither JSON ({json_exc.msg} "
+                              f"at column {json_exc.colno}) nor a Python literal ({type(exc).__name__}); write it as "
+                              "JSON, or use JSON Lines or Parquet, which hold lists"))
+            return None
+
+
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _check_label(row: dict, out: list[tuple[str, str]]) -> bool | None:
+    """An unpaired preference's label: a bool (CSV text true/false/1/0, numbers 1/0 accepted)."""
+    if "label" not in row:
+        out.append(("label", f"missing; expected true (a desirable completion) or false (the row has {_fields(row)})"))
+        return None
+    v = row["label"]
+    if isinstance(v, bool) or type(v).__name__ == "bool_":
+        return bool(v)
+    if isinstance(v, (int, float)) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE:
+        return v.strip().lower() in _TRUE
+    out.append(("label", f"expected true or false, got {v!r}"))
+    return None
+
+
+def _common_prompt(chosen: str, rejected: str) -> str:
+    """The prompt two texts share: their common prefix, cut back to its last whitespace so that the replies start
+    at a word (TRL's extract_prompt cuts at the first differing character instead; the two agree when the texts
+    differ at the start of a word). The whitespace goes with the replies."""
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    if n == len(chosen) == len(rejected):  # identical texts: the prompt is all but the last word
+        n = len(chosen) - 1
+    cut = max((i for i in range(n) if chosen[i].isspace()), default=0)
+    while cut > 0 and chosen[cut - 1].isspace():
+        cut -= 1
+    return chosen[:cut]
+
+
 # --- checking one row --------------------------------------------------------------------------------------------
 def check_row(row: dict, fmt: str) -> tuple[dict | None, list[tuple[str, str]]]:
     """The normalised row (see the module docstring) and a list of (field, problem) pairs, empty if the row is good."""
     out: list[tuple[str, str]] = []
-    extra = {k: v for k, v in row.items() if k not in _TEXT_FIELDS and k != "messages"}
+    row = {k: (_decode_cell(v, k, out) if k in _CHAT_FIELDS else v) for k, v in row.items()}
+    if out:
+        return None, out
+    extra = {k: v for k, v in row.items() if k not in _CHAT_FIELDS}
     if fmt == "prompts":
         if "prompt" not in row and "messages" in row:
             prompt = _check_messages(row["messages"], "messages", out)
+        elif "prompt" not in row and "chosen" in row and "rejected" in row:
+            clean, out = _check_preference(row, extra, out)
+            return ({**extra, "prompt": clean["prompt"]} if clean else None), out
         else:
             prompt = _check_prompt(row, out)
         return ({**extra, "prompt": prompt} if not out else None), out
@@ -338,20 +468,53 @@ def check_row(row: dict, fmt: str) -> tuple[dict | None, list[tuple[str, str]]]:
         messages = _check_messages(row["messages"], "messages", out)
         split = _split_final_assistant(messages, "messages", out) if messages is not None else None
         if split is None:
+            if messages is not None:
+                out.append(("messages", "(a chat that does not end with the assistant's reply is language-modelling "
+                                        "data: check it with --format language_modeling)"))
             return None, out
         return {**extra, "prompt": split[0], "completion": split[1]}, out
     if fmt == "demonstrations":
+        if "label" in row and _check_label(row, []) is not None:
+            out.append(("label", "a prompt-completion row with a true/false label is an unpaired preference: training "
+                                 "on it as a demonstration would imitate the undesirable completions too; drop the label "
+                                 "column, keep only the true rows, or use --format unpaired_preferences"))
+            return None, out
         prompt = _check_prompt(row, out)
         completion = _check_reply(row, "completion", out)
         return ({**extra, "prompt": prompt, "completion": completion} if not out else None), out
-    if fmt == "preferences":
-        if "prompt" not in row and isinstance(row.get("chosen"), list) and isinstance(row.get("rejected"), list):
-            return _check_implicit_preference(row, extra, out)
+    if fmt == "unpaired_preferences":
         prompt = _check_prompt(row, out)
-        chosen = _check_reply(row, "chosen", out)
-        rejected = _check_reply(row, "rejected", out)
-        return ({**extra, "prompt": prompt, "chosen": chosen, "rejected": rejected} if not out else None), out
+        completion = _check_reply(row, "completion", out)
+        label = _check_label(row, out)
+        return ({**extra, "prompt": prompt, "completion": completion, "label": label} if not out else None), out
+    if fmt == "preferences":
+        return _check_preference(row, extra, out)
+    if fmt == "language_modeling":
+        if "messages" in row and "text" not in row:
+            messages = _check_messages(row["messages"], "messages", out)
+            return ({**extra, "messages": messages} if not out else None), out
+        text = _check_text(row, "text", out)
+        return ({**extra, "text": text} if not out else None), out
     raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {fmt!r}")
+
+
+def _check_preference(row: dict, extra: dict, out: list[tuple[str, str]]) -> tuple[dict | None, list]:
+    if "prompt" not in row and isinstance(row.get("chosen"), list) and isinstance(row.get("rejected"), list):
+        return _check_implicit_preference(row, extra, out)
+    if "prompt" not in row and isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str):
+        chosen, rejected = _check_text(row, "chosen", out), _check_text(row, "rejected", out)
+        if out:
+            return None, out
+        prompt = _common_prompt(chosen, rejected)
+        if not prompt.strip():
+            out.append(("prompt", "missing, and chosen and rejected share no words at their start to take as the prompt "
+                                  "(an implicit prompt): give a prompt column, or write chosen and rejected as prompt + reply"))
+            return None, out
+        return {**extra, "prompt": prompt, "chosen": chosen[len(prompt):], "rejected": rejected[len(prompt):]}, out
+    prompt = _check_prompt(row, out)
+    chosen = _check_reply(row, "chosen", out)
+    rejected = _check_reply(row, "rejected", out)
+    return ({**extra, "prompt": prompt, "chosen": chosen, "rejected": rejected} if not out else None), out
 
 
 def _check_implicit_preference(row: dict, extra: dict, out: list[tuple[str, str]]) -> tuple[dict | None, list]:
@@ -400,15 +563,30 @@ def check_rows(rows: Sequence[tuple[int, Any]], config: DataConfig, *, tokenizer
     """Check and normalise every (row number, row) pair from ``read_rows``; raise DataError listing every bad
     row, or return the Data.
 
-    With a tokenizer, chat prompts are rendered to text; with ``max_prompt_tokens`` too, prompts over the
-    budget are handled as ``config.overlong`` says (the budget needs a tokenizer).
+    With ``config.fmt`` None the shape is inferred from the first row that can be read, and a row whose columns
+    name another shape is a bad row (say which format to use). With a tokenizer, chat prompts are rendered to text;
+    with ``max_prompt_tokens`` too, prompts over the budget are handled as ``config.overlong`` says (the budget
+    needs a tokenizer). Preference rows whose chosen and rejected are the same are kept, counted and warned about
+    (their DPO loss is log 2 whatever the policy: they teach nothing).
     """
     if config.max_prompt_tokens is not None and tokenizer is None:
         raise ValueError("max_prompt_tokens needs a tokenizer to count tokens; give one (--tokenizer PATH)")
+    fmt, first = config.fmt, None
+    if fmt is None:
+        first = next(((n, r) for n, r in rows if isinstance(r, dict)), None)
+        if first is None:
+            raise DataError(path, [RowProblem(n, "(row)", r.problem if isinstance(r, _Unreadable) else "not an object")
+                                   for n, r in rows], len(rows))
+        try:
+            fmt = infer_format(first[1])
+        except ValueError as exc:
+            raise DataError(path, [RowProblem(first[0], "(row)", str(exc))], len(rows)) from None
     problems: list[RowProblem] = []
     kept: list[dict] = []
     numbers: list[int] = []
-    n_truncated = n_skipped = 0
+    n_truncated = n_skipped = n_identical = 0
+    conversational = False
+    shape = ""
     for number, row in rows:
         if isinstance(row, _Unreadable):
             problems.append(RowProblem(number, "(row)", row.problem))
@@ -416,13 +594,34 @@ def check_rows(rows: Sequence[tuple[int, Any]], config: DataConfig, *, tokenizer
         if not isinstance(row, dict):
             problems.append(RowProblem(number, "(row)", f"expected an object with named fields, got {_type(row)}"))
             continue
-        clean, found = check_row(row, config.fmt)
+        if config.fmt is None:
+            try:
+                own = infer_format(row)
+            except ValueError as exc:
+                own = str(exc)
+            if own != fmt:
+                problems.append(RowProblem(number, "(row)", f"its columns ({_fields(row)}) do not make a {fmt} row, the "
+                                                            f"shape inferred from row {first[0]} ({_fields(first[1])}); "
+                                                            "make every row the same shape, or give the format"))
+                continue
+        clean, found = check_row(row, fmt)
         if found:
             problems += [RowProblem(number, f, p) for f, p in found]
             continue
-        if tokenizer is not None and isinstance(clean["prompt"], list):
+        chat = isinstance(clean.get("prompt"), list) or isinstance(clean.get("messages"), list) or any(
+            isinstance(row.get(k), list) for k in _CHAT_FIELDS)
+        if not kept:
+            conversational, shape = chat, _shape_name(fmt, row, chat)
+        elif chat != conversational:
+            problems.append(RowProblem(number, "(row)", f"is {'conversational' if chat else 'plain text'} but row "
+                                                        f"{numbers[0]} is {'conversational' if conversational else 'plain text'}: "
+                                                        "write every row the same way"))
+            continue
+        if fmt == "preferences" and clean["chosen"] == clean["rejected"]:
+            n_identical += 1
+        if tokenizer is not None and isinstance(clean.get("prompt"), list):
             clean = {**clean, "messages": clean["prompt"], "prompt": render_prompt(clean["prompt"], tokenizer)}
-        if config.max_prompt_tokens is not None:
+        if config.max_prompt_tokens is not None and "prompt" in clean:
             n = prompt_length(clean["prompt"], tokenizer)
             if n > config.max_prompt_tokens:
                 if config.overlong == "error":
@@ -443,13 +642,86 @@ def check_rows(rows: Sequence[tuple[int, Any]], config: DataConfig, *, tokenizer
         numbers.append(number)
     if problems:
         raise DataError(path, problems, len(rows))
-    return Data(rows=kept, fmt=config.fmt, n_read=len(rows), n_truncated=n_truncated, n_skipped=n_skipped, row_numbers=numbers)
+    notes = []
+    if n_identical:
+        notes.append(f"{n_identical} of {len(kept)} preference pairs in {path} have chosen == rejected: their loss is "
+                     "log 2 whatever the policy does, so they teach nothing; remove them or fix the labels")
+    return Data(rows=kept, fmt=fmt, n_read=len(rows), n_truncated=n_truncated, n_skipped=n_skipped, row_numbers=numbers,
+                inferred=config.fmt is None, shape=shape, conversational=conversational, n_identical_pairs=n_identical,
+                warnings=tuple(notes))
 
 
 def load_data(path: str | Path, config: DataConfig = DataConfig(), *, tokenizer=None) -> Data:
-    """Read ``path`` and check every row (see ``check_rows``). Raises FileNotFoundError for a missing path,
+    """Read ``path`` and check every row (see ``check_rows``); the format is inferred when ``config.fmt`` is None.
+    Each of ``Data.warnings`` is also issued as a Python warning. Raises FileNotFoundError for a missing path,
     DataError (a ValueError) listing every bad row."""
     rows = read_rows(path, split=config.split)
     if not rows:
         raise ValueError(f"{str(path)!r} holds no rows")
-    return check_rows(rows, config, tokenizer=tokenizer, path=str(path))
+    data = check_rows(rows, config, tokenizer=tokenizer, path=str(path))
+    for note in data.warnings:
+        warnings.warn(note, stacklevel=2)
+    return data
+
+
+# --- the model's context -----------------------------------------------------------------------------------------
+def model_context_length(model_config=None, tokenizer=None) -> tuple[int, str] | None:
+    """(the longest sequence the model takes, where that number comes from), or None when neither source gives a
+    sane one. Sources: ``model_config.max_position_embeddings`` (GPT-2's ``n_positions`` through its alias) and
+    ``tokenizer.model_max_length``; a value is sane when it is a positive int under 2**24 (tokenizers without a
+    limit report about 1e30). With both, the smaller."""
+    found = []
+    limit = getattr(model_config, "max_position_embeddings", None) if model_config is not None else None
+    if isinstance(limit, int) and 0 < limit < _SANE_CONTEXT:
+        found.append((limit, "config.max_position_embeddings"))
+    limit = getattr(tokenizer, "model_max_length", None) if tokenizer is not None else None
+    if isinstance(limit, int) and 0 < limit < _SANE_CONTEXT:
+        found.append((limit, "tokenizer.model_max_length"))
+    return min(found) if found else None
+
+
+def _reply_tokens(text: str, tokenizer) -> int:
+    """Tokens of a reply as it follows a prompt, plus its end-of-sequence token."""
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+
+
+def check_context(data_or_prompts: Data | Sequence[Any], tokenizer, *, max_new_tokens: int | None, context_length: int,
+                  path: str = "the data", source: str = "the model's context") -> int:
+    """Raise DataError naming every row whose prompt tokens plus its completion budget exceed ``context_length``,
+    before anything runs (a model reading past its positions fails with an IndexError that names no row).
+
+    ``data_or_prompts``: a ``Data`` (its rows and row numbers) or a sequence of prompts (rows numbered from 1).
+    Prompt tokens are counted as the policy encodes them (``prompt_length``; chats rendered with the tokenizer's
+    template). The budget of a row is ``max_new_tokens``; with ``max_new_tokens=None`` it is the row's own longest
+    reply (completion, chosen or rejected) plus an EOS token, for recipes that score given replies instead of
+    sampling. ``source`` says where ``context_length`` came from, for the message. Returns the longest prompt's
+    token count.
+    """
+    if context_length is None or context_length < 1:
+        raise ValueError(f"context_length must be a positive number of tokens; got {context_length!r}")
+    if isinstance(data_or_prompts, Data):
+        rows, numbers = data_or_prompts.rows, data_or_prompts.row_numbers
+    else:
+        rows, numbers = [{"prompt": p} for p in data_or_prompts], list(range(1, len(data_or_prompts) + 1))
+    problems, longest = [], 0
+    for number, row in zip(numbers, rows):
+        prompt = row.get("prompt")
+        if prompt is None:
+            continue  # language-modelling rows have no prompt
+        text = render_prompt(prompt, tokenizer) if isinstance(prompt, list) else prompt
+        n = prompt_length(text, tokenizer)
+        longest = max(longest, n)
+        if max_new_tokens is None:
+            replies = [row[k] for k in ("completion", "chosen", "rejected") if isinstance(row.get(k), str)]
+            if not replies:
+                raise ValueError(f"row {number} of {path} has no reply to measure: give max_new_tokens")
+            budget, what = max(_reply_tokens(r, tokenizer) for r in replies), "its longest reply"
+        else:
+            budget, what = max_new_tokens, "max_new_tokens"
+        if n + budget > context_length:
+            problems.append(RowProblem(number, "prompt", f"{n} prompt tokens + {budget} ({what}) = {n + budget}, over "
+                                                          f"{source} of {context_length} tokens; shorten the prompt, lower "
+                                                          "max_new_tokens, or set max_prompt_tokens with overlong=truncate"))
+    if problems:
+        raise DataError(path, problems, len(rows))
+    return longest

@@ -1,9 +1,12 @@
 """Rewards a user can name: their own Python function, a sequence-classification reward model, or a built-in.
 
-Every reward here follows one convention (TRL's): ``f(prompts, completions, **columns)`` returns one float per
-completion, where ``columns`` are the data's other columns, one value per completion. They are scored through
+A user's function is called as TRL calls ``reward_funcs`` (by keyword: ``prompts``, ``completions``,
+``completion_ids`` and the data's other columns), or by position in tilt's older form ``f(prompts, completions)``,
+whichever its signature asks for (``tilt.rewards``). The built-ins and reward models here always score text.
+``reward_from_specs`` builds a ``tilt.rewards.Rewards``: the weighted sum of one or more rewards, scored through
 ``tilt.rewards.score_rewards``, which stops the run on a reward that raises, returns the wrong number of values,
-or returns NaN/inf; ``score_rewards_masked`` here can instead skip and count the non-finite samples.
+something that is not a number, or NaN/inf; ``score_rewards_masked`` here can instead skip and count the
+non-finite samples.
 
 A reward *spec* (what ``--reward`` takes, see ``reward_from_spec``):
 
@@ -15,7 +18,7 @@ A reward *spec* (what ``--reward`` takes, see ``reward_from_spec``):
   from TARGET;
 * ``keywords:WORD,WORD`` - how many times the words occur (``keywords-present:...``: 1 if any does, else 0);
 * ``regex:PATTERN`` - how many times the pattern matches (``regex-present:PATTERN``: 1 if it matches, else 0);
-* ``WEIGHT*SPEC`` - a weighted term; ``reward_from_specs`` sums several (``weighted_rewards``).
+* ``WEIGHT*SPEC`` - a weighted term; ``reward_from_specs`` sums several (or takes ``weights=``).
 
 A user function runs with the user's full permissions: only name code you trust.
 """
@@ -32,7 +35,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from tilt.rewards import RewardError, RewardFn, _show, score_rewards
+from tilt.rewards import RewardFn, Rewards, RewardTerm, score_rewards, score_rewards_nonfinite, unique_names
 
 NONFINITE = ("error", "skip")
 
@@ -216,9 +219,12 @@ def split_weight(spec: str) -> tuple[float, str]:
     return (float(m.group(1)), m.group(2).strip()) if m else (1.0, spec)
 
 
+_BUILT_IN = (VaderSentiment, LengthReward, RegexReward, SequenceClassifierReward)
+
+
 def reward_from_spec(spec: str, *, trust_remote_code: bool = False, device: str = "cpu") -> RewardFn:
-    """The reward a spec names (see the module docstring). Built-in names come first, then an existing folder
-    (a reward model), then ``module:function`` / ``file.py:function``."""
+    """The reward a spec names (see the module docstring), as the bare callable. Built-in names come first, then an
+    existing folder (a reward model), then ``module:function`` / ``file.py:function``."""
     head, _, rest = spec.partition(":")
     if spec == "sentiment":
         return VaderSentiment()
@@ -240,32 +246,38 @@ def reward_from_spec(spec: str, *, trust_remote_code: bool = False, device: str 
     return import_reward(spec)
 
 
-def reward_from_specs(specs: Sequence[str], *, trust_remote_code: bool = False, device: str = "cpu") -> RewardFn:
-    """One reward from one spec, or the weighted sum of several (``WEIGHT*SPEC``; weight 1 when omitted)."""
+def _spec_name(spec: str, fn: RewardFn) -> str:
+    """The log name of a spec's reward: a user function's name, a model folder's name, or the built-in's spec."""
+    if isinstance(fn, SequenceClassifierReward):
+        return Path(spec).resolve().name
+    if isinstance(fn, _BUILT_IN):
+        return spec
+    return getattr(fn, "__name__", None) or spec.rpartition(":")[2]
+
+
+def reward_from_specs(specs: Sequence[str], *, weights: Sequence[float] | None = None, trust_remote_code: bool = False,
+                      device: str = "cpu") -> Rewards:
+    """The weighted sum of the rewards the specs name, as a ``tilt.rewards.Rewards`` (a reward itself, and able to
+    report each function's values). A weight is given either in the spec (``WEIGHT*SPEC``) or in ``weights`` (one
+    per spec, as TRL's ``reward_weights``), not both; it is 1 when neither gives it. Each function is named in the
+    logs (``rewards/<name>/mean``) by its function name, its model folder's name, or the built-in's spec."""
     if not specs:
         raise ValueError("no reward given; name at least one (module:function, a model folder, or a built-in)")
-    terms = []
-    for spec in specs:
+    if weights is not None and len(weights) != len(specs):
+        raise ValueError(f"{len(weights)} reward weights for {len(specs)} rewards ({', '.join(specs)}): give one weight "
+                         "per reward")
+    parsed = []
+    for k, spec in enumerate(specs):
+        if _WEIGHTED.match(spec) and weights is not None:
+            raise ValueError(f"the reward {spec!r} carries a weight and weights were given too: give it once")
         weight, inner = split_weight(spec)
-        terms.append((weight, reward_from_spec(inner, trust_remote_code=trust_remote_code, device=device)))
-    if len(terms) == 1 and terms[0][0] == 1.0:
-        return terms[0][1]
-    return weighted_rewards(terms)
-
-
-def weighted_rewards(terms: Sequence[tuple[float, RewardFn]]) -> RewardFn:
-    """sum_i w_i f_i(prompts, completions, **columns), like ``tilt.rewards.weighted_sum``, except that a term's
-    NaN/inf passes through as NaN instead of raising, so that the caller's ``nonfinite`` choice (error or skip)
-    applies to the sum. A term that raises or returns the wrong number of values still raises."""
-
-    def combined(prompts, completions, **columns):
-        total = torch.zeros(len(completions), dtype=torch.float64)
-        for weight, fn in terms:
-            s = score_rewards_masked(fn, prompts, completions, nonfinite="skip", **columns)
-            total += weight * torch.where(s.valid_mask, s.values, torch.full_like(s.values, float("nan")))
-        return total
-
-    return combined
+        if weights is not None:
+            weight = float(weights[k])
+        fn = reward_from_spec(inner, trust_remote_code=trust_remote_code, device=device)
+        parsed.append((weight, fn, _spec_name(inner, fn)))
+    names = unique_names([name for _, _, name in parsed])
+    return Rewards(tuple(RewardTerm(name=name, fn=fn, weight=w, text_only=isinstance(fn, _BUILT_IN))
+                         for name, (w, fn, _) in zip(names, parsed)))
 
 
 # --- scoring with non-finite samples skipped -------------------------------------------------------------------------
@@ -278,37 +290,20 @@ class Scores:
     n_skipped: int  # samples with a NaN/inf reward (always 0 with nonfinite="error")
 
 
-def _per_sample(columns: dict, i: int, n: int) -> dict:
-    return {k: (v[i:i + 1] if isinstance(v, (list, tuple, Tensor)) and len(v) == n else v) for k, v in columns.items()}
-
-
 def score_rewards_masked(reward_fn: RewardFn, prompts: Sequence[Any], completions: Sequence[Any], *,
                          nonfinite: str = "error", **columns: Any) -> Scores:
     """``tilt.rewards.score_rewards`` with a choice for NaN/inf rewards and the failing sample named.
 
     ``nonfinite="error"`` raises RewardError on a NaN/inf reward (naming the sample); ``"skip"`` returns those
     samples with ``valid_mask`` False, value 0.0 and counted in ``n_skipped``; the caller must leave them out
-    of its averages (a mean over ``values[valid_mask]``). When the reward raises on a batch, each sample is
-    scored alone to name the prompt and completion that broke it; a reward that fails only on whole batches
-    is reported as ``score_rewards`` reports it.
+    of its averages (a mean over ``values[valid_mask]``). Every other problem (a reward that raises, the wrong
+    number of values, values that are not numbers, an unscored sample) raises RewardError in both modes.
     """
     if nonfinite not in NONFINITE:
         raise ValueError(f"nonfinite must be 'error' or 'skip'; got {nonfinite!r}")
-    n = len(completions)
-    seen: dict[str, Tensor] = {}
-
-    def finite_or_zero(ps, cs, **cols):
-        raw = reward_fn(ps, cs, **cols)
-        try:
-            values = torch.as_tensor(raw if isinstance(raw, Tensor) else list(raw), dtype=torch.float64).flatten()
-        except (TypeError, ValueError, RuntimeError):
-            return raw  # score_rewards reports it
-        seen["valid"] = torch.isfinite(values)
-        return torch.where(seen["valid"], values, torch.zeros_like(values))
-
-    fn = finite_or_zero if nonfinite == "skip" else reward_fn
-    values = score_rewards(fn, prompts, completions, **columns)  # names the sample that raised, if one did
-    valid = seen.get("valid", torch.ones(n, dtype=torch.bool))
-    return Scores(values=values, valid_mask=valid, n_skipped=int((~valid).sum()))
-
-
+    if nonfinite == "error":
+        values = score_rewards(reward_fn, prompts, completions, **columns)
+        return Scores(values=values, valid_mask=torch.ones(len(values), dtype=torch.bool), n_skipped=0)
+    raw = score_rewards_nonfinite(reward_fn, prompts, completions, **columns)
+    valid = torch.isfinite(raw)
+    return Scores(values=torch.where(valid, raw, torch.zeros_like(raw)), valid_mask=valid, n_skipped=int((~valid).sum()))

@@ -26,7 +26,10 @@ Gradient, when the estimate is *added to the loss* and differentiated through lo
   * k3 in the loss, per sequence: E_pi[(1 - rho) ∇log pi] = ∇KL(pi_ref||pi), the gradient of the *forward*
     KL, not of the reverse KL being estimated. Per token, likewise per position (GRPO's choice).
 
-The tests in ``tests/test_kl.py`` check each of these statements by exact enumeration in the lab.
+``tests/test_math.py`` checks these statements by exact enumeration in the lab (``test_kl_estimators_by_hand``,
+``test_kl_estimator_gradients_by_enumeration``): the values of k1, k2, k3 and of per-token k3; k1 in the reward;
+k1, sequence k2 and sequence k3 in the loss; the bias of per-token k2. ``tests/test_math_claims.py`` checks that
+k2 and k3 in the reward do not give the KL gradient.
 """
 from __future__ import annotations
 

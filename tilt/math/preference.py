@@ -48,12 +48,25 @@ def dpo_sigmoid_loss(
 def ipo_loss(
     chosen_logprobs: Tensor, rejected_logprobs: Tensor, ref_chosen_logprobs: Tensor, ref_rejected_logprobs: Tensor, *, beta: float
 ) -> Tensor:
-    """(h - 1/(2 beta))^2, the IPO loss per pair (Azar et al. 2023, eq. 17 with tau = beta; the form TRL uses for
-    ``loss_type="ipo"``, digest §4(b)). It regresses the margin h onto 1/(2 beta) instead of pushing it to infinity.
-    All arguments (B,). Returns (B,).
+    """(h - 1/(2 beta))^2, the IPO loss per pair (Azar et al. 2023, eq. 17 with tau = beta; digest §4(b)). It
+    regresses the margin h onto 1/(2 beta) instead of pushing it to infinity. All arguments (B,). Returns (B,).
+
+    h is built from whatever log-probs are passed: tilt's recipes pass sums over the completion tokens, as TRL's
+    online trainers do. TRL's offline ``DPOTrainer`` with ``loss_type="ipo"`` first divides each sequence's policy
+    and reference log-prob by its number of tokens, so its margin is a per-token average and a beta tuned there
+    does not carry over; pass ``mean_token_logprobs`` of all four arguments to get TRL's DPOTrainer value.
     """
     h = dpo_margin(chosen_logprobs, rejected_logprobs, ref_chosen_logprobs, ref_rejected_logprobs)
     return (h - 1.0 / (2.0 * beta)) ** 2
+
+
+def mean_token_logprobs(seq_logprobs: Tensor, n_tokens: Tensor) -> Tensor:
+    """log pi(y|x) / |y|: a sequence log-prob divided by its number of counted tokens (the length normalisation
+    TRL's ``DPOTrainer`` applies before its IPO loss). seq_logprobs (B,) float, n_tokens (B,) counts >= 1.
+    Returns (B,)."""
+    if bool((n_tokens < 1).any()):
+        raise ValueError("mean_token_logprobs needs at least one counted token in every sequence")
+    return seq_logprobs / n_tokens.to(seq_logprobs.dtype)
 
 
 def xpo_bonus(ref_sample_logprobs: Tensor, *, alpha: float) -> Tensor:

@@ -44,7 +44,7 @@ from tilt.math.kl import KL_ESTIMATORS, sequence_kl, token_kl
 from tilt.math.masking import masked_sum
 from tilt.math.pg import kl_shaped_reward, leave_one_out_advantage, ppo_clip_loss, reinforce_loss
 from tilt.recipes.common import build_optimizer, lr_factor, micro_batches, prompt_indices, set_lr, step_prompt_seeds
-from tilt.rewards import RewardFn, score_rewards
+from tilt.rewards import RewardFn, score_rollout
 from tilt.rollout import Policy, Rollout
 
 
@@ -119,7 +119,7 @@ def kl_rl_step(
     rollout = policy.sample(prompts, k, prompt_seeds=prompt_seeds)
     mask = rollout.completion_mask  # (B, T) True where a token counts
     n_seq = distributed.all_sum_int(len(rollout))  # the step's sequences over all ranks (len(rollout) in one process)
-    rewards = score_rewards(reward_fn, rollout.prompts, rollout.completions)  # (B,)
+    rewards = score_rollout(reward_fn, rollout)  # (B,); passes completion_ids, as TRL does
 
     ref_tok = score_tokens(ref, rollout, config.micro_batch_size)  # (B, T)
     if rollout.sampled_from_policy:

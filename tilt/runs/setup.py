@@ -101,19 +101,12 @@ def final_model(model):
 
 
 def build_reward(run):
-    """The run's reward: its specs summed with ``reward_weights`` (1 each when unset)."""
+    """The run's reward: its specs summed with ``reward_weights`` (1 each when unset), as a ``tilt.rewards.Rewards``
+    that also reports each function's values (``rewards/<name>/*``)."""
     from tilt.reward_fns import reward_from_specs
 
-    specs = list(run.reward)
-    if run.reward_weights is None:
-        return reward_from_specs(specs, trust_remote_code=run.trust_remote_code)
-    try:
-        return reward_from_specs(specs, weights=list(run.reward_weights), trust_remote_code=run.trust_remote_code)
-    except TypeError:  # a reward_from_specs without weights: sum the terms here, the same way it does
-        from tilt.reward_fns import weighted_rewards
-
-        return weighted_rewards([(w, reward_from_specs([s], trust_remote_code=run.trust_remote_code))
-                                 for w, s in zip(run.reward_weights, specs)])
+    weights = None if run.reward_weights is None else list(run.reward_weights)
+    return reward_from_specs(list(run.reward), weights=weights, trust_remote_code=run.trust_remote_code)
 
 
 def draw_samples(policy, reward_fn, prompts: Sequence[Any], count: int, seed: int, step: int) -> list[dict]:
