@@ -192,3 +192,45 @@ def test_hf_mh_and_smc_run(tiny_policy):
     out = smc(target, ["ab"], particles=4, block_size=2, prefix_reward=_length_reward, generator=torch.Generator().manual_seed(0))
     assert out.log_weights.shape == (1, 4) and torch.isfinite(out.log_z).all()
     assert len(out.draw(3, generator=torch.Generator().manual_seed(0))) == 3
+
+
+REWARD_FILE = """
+def count_a(prompts, completions, **columns):
+    return [c.count("a") for c in completions]
+"""
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_policy):
+    root = tmp_path_factory.mktemp("samplers")
+    tiny_policy.model.save_pretrained(root / "tiny")
+    tiny_policy.tokenizer.save_pretrained(root / "tiny")
+    (root / "rewards.py").write_text(REWARD_FILE)
+    return root
+
+
+def _sample_cli(capsys, *argv):
+    import json
+
+    from tilt.cli import main
+
+    capsys.readouterr()
+    assert main([str(a) for a in argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_tilt_sample_mh_and_smc(model_dir, capsys):
+    base = ["sample", "--model", model_dir / "tiny", "--prompt", "ab", "--prompt", "ba", "--reward", f"{model_dir / 'rewards.py'}:count_a",
+            "--beta", 0.5, "--max-new-tokens", 6, "--json"]
+    mh = _sample_cli(capsys, *base, "--mh", 6, "--n", 3)
+    assert mh["mode"] == "mh" and len(mh["samples"]) == 2 * 3
+    assert 0 <= mh["acceptance_rate"] <= 1 and mh["ess"] > 0 and mh["burn_in"] == 3
+    assert all(r["reward"] == r["completion"].count("a") for r in mh["samples"])
+    smc_out = _sample_cli(capsys, *base, "--smc", 8, "--block-size", 2, "--prefix-reward", "--n", 2)
+    assert smc_out["mode"] == "smc" and len(smc_out["samples"]) == 2 * 2
+    assert math.isfinite(smc_out["log_z"]) and 1 <= smc_out["final_ess"] <= 8
+    assert all(r["reward"] == r["completion"].count("a") for r in smc_out["samples"])
+    from tilt.cli import main
+
+    assert main([str(a) for a in base] + ["--mh", "4", "--burn-in", "4"]) == 2
+    assert "--burn-in must be >= 0 and below --mh 4" in capsys.readouterr().err
