@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tilt.lab.kl_target import adaptive_beta_report
 from tilt.lab.tabular import random_tabular_policy
 from tilt.lab.world import TableReward, reward_table
 from tilt.math import exact
@@ -92,31 +93,19 @@ def test_config_rejects_a_controller_without_a_starting_beta():
         _config(kl_target=-1.0)
 
 
-def _beta_for_kl(log_ref, rewards, kl):
-    """The beta whose exact pi* ∝ pi_ref exp(r/beta) has KL(pi* || pi_ref) = kl, by bisection (KL falls as beta grows)."""
-    lo, hi = 1e-3, 1e3
-    for _ in range(200):
-        mid = (lo * hi) ** 0.5
-        log_p = log_ref + rewards / mid
-        log_p = log_p - log_p.logsumexp(-1, keepdim=True)
-        lo, hi = (mid, hi) if exact.kl(log_p, log_ref).item() > kl else (lo, mid)
-    return mid
-
-
 @pytest.mark.slow
 def test_adaptive_beta_lands_on_the_pi_star_with_the_target_kl():
-    """From beta = 0.5, a KL target of 0.5 nats: after 400 steps (Adam, constant lr, K_beta = 64/640 = 0.1 as in
-    Ziegler et al. §2.2) the final beta is within 5% of the beta whose exact pi* has KL 0.5 (about 0.23), that pi*'s
-    KL is within 0.05 nats of the target, and the policy is within KL 0.02 of the pi* at the final beta."""
-    ref, rewards, reward = _lab()
-    log_ref = ref.support_logprobs().detach()
-    beta_star = _beta_for_kl(log_ref, rewards, 0.5)
-    cfg = _config(beta=0.5, steps=400, samples_per_prompt=64, kl_target=0.5, kl_horizon=640.0)
-    policy, state = ref.copy(), KLControlState(beta=0.5)
-    kl_rl.train(cfg, policy, ref, reward, [0], kl_state=state)
-    log_target = log_ref + rewards / state.beta
-    log_target = log_target - log_target.logsumexp(-1, keepdim=True)
-    assert abs(0.5 / beta_star - 1) > 0.5  # it had far to go
-    assert abs(state.beta / beta_star - 1) < 0.05
-    assert abs(exact.kl(log_target, log_ref).item() - 0.5) < 0.05
-    assert exact.kl(policy.support_logprobs().detach(), log_target).item() < 0.02
+    """From beta = 0.5, a KL target of 0.5 nats: after 400 steps (Adam, constant lr, K_beta = 0.1 as in Ziegler et al.
+    §2.2) the final beta is within 5% of the beta whose exact pi* has KL 0.5 (about 0.23), that pi*'s KL is within
+    0.05 nats of the target, and the policy is within KL 0.02 of the pi* at the final beta."""
+    r = adaptive_beta_report(kl_target=0.5, beta=0.5, steps=400, batch=64, lr=0.05, lr_schedule="constant", gain=0.1)
+    ref = random_tabular_policy(3, 3, 1, seed=0)  # the report's world, rebuilt to check its beta_for_target by hand
+    rewards = reward_table("random", 3, 3, 1, reward_seed=1)
+    log_p = ref.support_logprobs().detach() + rewards / r["beta_for_target"]
+    log_p = log_p - log_p.logsumexp(-1, keepdim=True)
+    assert exact.kl(log_p, ref.support_logprobs().detach()).item() == pytest.approx(0.5, abs=1e-9)
+    assert abs(0.5 / r["beta_for_target"] - 1) > 0.5  # it had far to go
+    assert abs(r["final_beta"] / r["beta_for_target"] - 1) < 0.05
+    assert abs(r["target_kl_ref"] - 0.5) < 0.05
+    assert r["kl_policy_target"] < 0.02
+    assert r["betas"][0] == 0.5 and len(r["betas"]) == 400

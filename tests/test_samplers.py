@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from tilt.lab.samplers import prefix_count
 from tilt.lab.sequences import StoppingPolicy, SupportReward, stopping_world
 from tilt.math import exact, mcmc
 from tilt.samplers import smc, suffix_mh
@@ -111,9 +112,7 @@ def test_ess_of_independent_and_ar1_chains():
     assert abs(mcmc.effective_sample_size(ar) / expected - 1) < 0.2
 
 
-def _prefix_count(prompts, completions, **_):
-    """A prefix potential: the fraction of token 1 so far (informative about no particular reward; any works)."""
-    return torch.tensor([sum(t == 1 for t in c) / 4 for c in completions], dtype=torch.float64)
+_prefix_count = prefix_count(1, 4)  # a prefix potential: the fraction of token 1 so far (any potential works)
 
 
 @pytest.mark.parametrize("prefix_reward, block", [(None, 0), (_prefix_count, 1)])
@@ -234,3 +233,16 @@ def test_tilt_sample_mh_and_smc(model_dir, capsys):
 
     assert main([str(a) for a in base] + ["--mh", "4", "--burn-in", "4"]) == 2
     assert "--burn-in must be >= 0 and below --mh 4" in capsys.readouterr().err
+
+
+def test_lab_mh_command_reports_the_exact_chain(capsys):
+    import json
+
+    from tilt.cli import main
+
+    assert main(["lab", "mh", "--steps", "100", "--chains", "300", "--sampled-steps", "2", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["invariance_residual"] < 1e-12 < 1e-3 < r["invariance_residual_uncorrected"]
+    tv = list(r["tv_by_step"].values())
+    assert tv == sorted(tv, reverse=True) and tv[-1] < 1e-3
+    assert r["tv_stationary_uncorrected"] > 0.05

@@ -70,11 +70,13 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run_kl_rl_command, pure=True)
 
     from tilt.cli import demo_reg, infalign, inference, preference  # here, not at the top: they import this module
+    from tilt.cli import samplers_lab
 
     inference.add_lab_parsers(lab_sub)
     demo_reg.add_lab_parsers(lab_sub)
     infalign.add_lab_parsers(lab_sub)
     preference.add_lab_parsers(lab_sub)
+    samplers_lab.add_lab_parsers(lab_sub)
 
 
 def run_kl_rl_lab(
