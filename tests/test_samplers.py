@@ -99,6 +99,15 @@ def test_mh_burn_in_thin_and_sample_bookkeeping():
         suffix_mh(target, [0], steps=3, burn_in=3, generator=torch.Generator())
 
 
+def test_systematic_resampling_copies_each_particle_floor_or_ceil_of_n_w_times():
+    w = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.0, 0.0, 1.0, 0.0]], dtype=torch.float64)
+    for u in (0.0, 0.37, 0.99):
+        ancestors = mcmc.systematic_resample(w.log(), torch.tensor([u, u]))
+        counts = torch.stack([torch.bincount(a, minlength=4) for a in ancestors]).double()
+        assert ((counts - 4 * w).abs() < 1).all()  # floor or ceil of N W_i
+        assert counts[1].tolist() == [0, 0, 4, 0]  # a zero-weight particle is never copied
+
+
 def test_ess_of_independent_and_ar1_chains():
     g = torch.Generator().manual_seed(0)
     iid = torch.randn(4, 4000, generator=g, dtype=torch.float64)

@@ -22,7 +22,9 @@ def tilted_logprobs(ref_logp: Tensor, rewards: Tensor, beta: float) -> Tensor:
 def beta_for_kl(ref_logp: Tensor, rewards: Tensor, kl: float, *, lo: float = 1e-3, hi: float = 1e3) -> float:
     """The beta whose exact pi* has KL(pi* || pi_ref) = ``kl`` (averaged over contexts), by bisection on log beta: the
     KL falls as beta grows. Raises if ``kl`` is out of reach in [lo, hi]."""
-    kl_at = lambda b: exact.kl(tilted_logprobs(ref_logp, rewards, b), ref_logp).item()  # noqa: E731
+    def kl_at(b: float) -> float:
+        return exact.kl(tilted_logprobs(ref_logp, rewards, b), ref_logp).item()
+
     if not kl_at(hi) < kl < kl_at(lo):
         raise ValueError(f"KL {kl} is not reachable with beta in [{lo}, {hi}] (KL there: {kl_at(hi):.4g} .. {kl_at(lo):.4g})")
     for _ in range(200):
