@@ -251,6 +251,19 @@ def add_sample_parser(sub) -> None:
     how.add_argument("--qrs-beta", type=float, default=None, metavar="Q", 
                      help="quasi-rejection sampling toward pi* with parameter Q > 0 (larger: closer to pi*, fewer accepted)")
     how.add_argument("--sir", type=int, default=0, metavar="K", help="sampling-importance-resampling toward pi* from K candidates per prompt")
+    how.add_argument("--mh", type=int, default=0, metavar="STEPS",
+                     help="Metropolis-Hastings toward pi* with suffix resampling from the reference (QUEST): --n chains per prompt, "
+                          "STEPS steps each; prints each chain's last state, the acceptance rate and the effective sample size")
+    how.add_argument("--smc", type=int, default=0, metavar="PARTICLES",
+                     help="sequential Monte Carlo toward pi* with PARTICLES particles per prompt over --block-size token blocks; "
+                          "prints --n draws from the final particles and the estimate of log Z")
+    p.add_argument("--burn-in", type=int, default=None, metavar="B", help="--mh: steps left out of the effective sample size (default STEPS // 2)")
+    p.add_argument("--block-size", type=int, default=0, metavar="T",
+                   help="--smc: tokens per block; 0 = the whole completion in one block, i.e. importance resampling (default 0)")
+    p.add_argument("--prefix-reward", action="store_true",
+                   help="--smc: score unfinished prefixes with --reward too (as the intermediate potential; VADER can score any text)")
+    p.add_argument("--ess-threshold", type=float, default=0.5, metavar="F",
+                   help="--smc: resample when the effective sample size falls under F x PARTICLES (default 0.5)")
     p.add_argument("--reward", action="append", metavar="SPEC", help="reward spec (as in tilt eval); scores plain samples too")
     p.add_argument("--ref", metavar="PATH", default=None, help="reference (prior) of pi* for --qrs-beta / --sir (default: the model)")
     p.add_argument("--beta", type=float, default=None, help="KL coefficient (temperature) of pi* for --qrs-beta / --sir")
@@ -278,6 +291,10 @@ def _sample_mode(args) -> str:
         return "qrs"
     if args.sir:
         return "sir"
+    if args.mh:
+        return "mh"
+    if args.smc:
+        return "smc"
     return "plain"
 
 
@@ -288,7 +305,11 @@ def _check_sample_args(args, mode: str) -> None:
         raise ValueError(f"{mode} needs a reward: add --reward SPEC")
     if mode in ("best-of-n", "worst-of-n") and (args.best_of or args.worst_of) < 1:
         raise ValueError("N of best-of-N / worst-of-N must be >= 1")
-    if mode in ("qrs", "sir"):
+    if mode == "mh" and not 0 <= (args.mh // 2 if args.burn_in is None else args.burn_in) < args.mh:
+        raise ValueError(f"--burn-in must be >= 0 and below --mh {args.mh}, got {args.burn_in}")
+    if mode == "smc" and (args.block_size < 0 or not 0 <= args.ess_threshold <= 1):
+        raise ValueError("--block-size must be >= 0 and --ess-threshold between 0 and 1")
+    if mode in ("qrs", "sir", "mh", "smc"):
         if args.beta is None or not args.beta > 0:
             raise ValueError(f"{mode} samples pi* ∝ pi_ref exp(r/beta): give --beta > 0")
         if mode == "qrs" and not args.qrs_beta > 0:
@@ -296,7 +317,7 @@ def _check_sample_args(args, mode: str) -> None:
         if mode == "qrs" and args.candidates < 1:
             raise ValueError(f"--candidates must be >= 1, got {args.candidates}")
     elif args.ref is not None or args.beta is not None:
-        raise ValueError("--ref and --beta only apply to --qrs-beta and --sir")
+        raise ValueError("--ref and --beta only apply to --qrs-beta, --sir, --mh and --smc")
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -321,7 +342,7 @@ def _run_sample(args: argparse.Namespace) -> int:
     g = torch.Generator().manual_seed(args.seed)
     report: dict = {"model": args.model, "mode": mode, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "seed": args.seed}
     per_prompt = {"plain": args.n, "best-of-n": args.n * (args.best_of or 1), "worst-of-n": args.n * (args.worst_of or 1),
-                  "qrs": args.candidates, "sir": args.sir}[mode]  # sequences sampled per prompt
+                  "qrs": args.candidates, "sir": args.sir, "mh": args.n, "smc": args.smc}[mode]  # sequences sampled per prompt
     step = max(1, args.batch_size // per_prompt)
     chunks = [prompts[i:i + step] for i in range(0, len(prompts), step)]
     if mode == "plain":
@@ -331,7 +352,8 @@ def _run_sample(args: argparse.Namespace) -> int:
     else:
         ref = _load_ref(args.ref, policy, args.model, SamplingConfig(max_new_tokens=args.max_new_tokens),
                         trust_remote_code=args.trust_remote_code)
-        rows = _sample_posterior(policy, ref, chunks, args, mode, reward_fn, g, report)
+        sampler = _sample_posterior if mode in ("qrs", "sir") else _sample_mcmc
+        rows = sampler(policy, ref, chunks, args, mode, reward_fn, g, report)
     report["samples"] = rows
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
@@ -421,11 +443,49 @@ def _sample_posterior(policy, ref, chunks, args, mode, reward_fn, g, report) -> 
     return rows
 
 
+def _sample_mcmc(policy, ref, chunks, args, mode, reward_fn, g, report) -> list[dict]:
+    """MH or SMC toward pi* ∝ ref exp(r/beta), drawing only from the reference (tilt.samplers); ``policy`` is unused."""
+    from tilt.rewards import score_rewards
+    from tilt.samplers import smc, suffix_mh
+    from tilt.target import TiltedTarget
+
+    target = TiltedTarget(ref, reward_fn, args.beta)
+    burn_in = args.mh // 2 if args.burn_in is None else args.burn_in
+    report.update(beta=args.beta, ref=args.ref or args.model, n=args.n)
+    rows, stats = [], {"acceptance": [], "ess": [], "log_z": [], "final_ess": [], "resampled": []}
+    for chunk in chunks:
+        if mode == "mh":
+            res = suffix_mh(target, chunk, steps=args.mh, chains=args.n, burn_in=burn_in, generator=g)
+            picked = list(zip([x for x in chunk for _ in range(args.n)], res.final))
+            stats["acceptance"].append(res.accepted.double().mean(-1))
+            stats["ess"] += res.effective_sample_size()
+        else:
+            res = smc(target, chunk, particles=args.smc, block_size=args.block_size, ess_threshold=args.ess_threshold,
+                      prefix_reward=reward_fn if args.prefix_reward else None, generator=g)
+            picked = res.draw(args.n, generator=g)
+            stats["log_z"].append(res.log_z)
+            stats["final_ess"].append(res.ess_trace[:, -1])
+            stats["resampled"].append(res.resampled.double().sum(-1))
+        texts = ref.decode_tokens([y for _, y in picked])
+        rewards = score_rewards(reward_fn, [x for x, _ in picked], texts).tolist()
+        rows += [{"prompt": x, "completion": t, "reward": r} for (x, _), t, r in zip(picked, texts, rewards)]
+    if mode == "mh":
+        report.update(steps=args.mh, burn_in=burn_in, acceptance_rate=torch.cat(stats["acceptance"]).mean().item(),
+                      ess=sum(stats["ess"]) / len(stats["ess"]))
+    else:
+        report.update(particles=args.smc, block_size=args.block_size, prefix_reward=bool(args.prefix_reward),
+                      log_z=torch.cat(stats["log_z"]).mean().item(), final_ess=torch.cat(stats["final_ess"]).mean().item(),
+                      resamplings=torch.cat(stats["resampled"]).mean().item())
+    return rows
+
+
 def _print_samples(report: dict, rows: list[dict]) -> None:
     mode = report["mode"]
     head = {"plain": "samples", "best-of-n": f"best of {report.get('best_of')}", "worst-of-n": f"worst of {report.get('worst_of')}",
             "qrs": f"quasi-rejection sampling (Q = {report.get('qrs_beta')}, beta = {report.get('beta')})",
-            "sir": f"importance resampling from {report.get('candidates')} candidates (beta = {report.get('beta')})"}[mode]
+            "sir": f"importance resampling from {report.get('candidates')} candidates (beta = {report.get('beta')})",
+            "mh": f"Metropolis-Hastings, {report.get('steps')} suffix-resampling steps per chain (beta = {report.get('beta')})",
+            "smc": f"sequential Monte Carlo, {report.get('particles')} particles (beta = {report.get('beta')})"}[mode]
     print(f"\n{report['model']}: {head}\n")
     last = None
     for r in rows:
@@ -440,5 +500,11 @@ def _print_samples(report: dict, rows: list[dict]) -> None:
               f"KL(pi* || sampler) {report['kl_target_sampler_estimate']:.3f}")
     elif mode == "sir":
         print(f"\neffective sample size of the candidates: {report['ess']:.2f} of {report['candidates']} per prompt")
+    elif mode == "mh":
+        print(f"\nacceptance rate {report['acceptance_rate']:.3f}; effective sample size of the reward after {report['burn_in']} "
+              f"burn-in steps {report['ess']:.1f} per prompt ({report['n']} chains)")
+    elif mode == "smc":
+        print(f"\nmean log Z estimate {report['log_z']:.4f}; final effective sample size {report['final_ess']:.2f} of "
+              f"{report['particles']}; {report['resamplings']:.1f} resamplings per prompt")
     elif mode in ("best-of-n", "worst-of-n"):
         print(f"\nmean reward {report['mean_reward']:.4f} (mean over all candidates {report['mean_candidate_reward']:.4f})")

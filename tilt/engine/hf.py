@@ -100,11 +100,15 @@ class HFPolicy:
         for i, row in enumerate(rows):
             if len(row) == 0:
                 raise ValueError(f"prompt {i} encodes to no tokens: {prompts[i]!r}")
+        return self._left_pad(rows)
+
+    def _left_pad(self, rows: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+        """Token-id rows as left-padded ``(ids (B, W), mask (B, W) bool)`` on the model's device."""
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.bool)
         for i, row in enumerate(rows):
-            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            ids[i, width - len(row):] = torch.tensor(list(row), dtype=torch.long)
             mask[i, width - len(row):] = True
         return ids.to(self.device), mask.to(self.device)
 
@@ -129,8 +133,31 @@ class HFPolicy:
         distinct_ids, distinct_mask = self.encode_prompts(prompts)  # (P, Tp)
         prompt_ids = distinct_ids.repeat_interleave(k, 0)  # (B, Tp)
         prompt_mask = distinct_mask.repeat_interleave(k, 0)
-        b, tp, t_max = prompt_ids.shape[0], prompt_ids.shape[1], self.sampling.max_new_tokens
-        uniforms = sampling_uniforms(len(prompts), k, t_max, generator=generator, prompt_seeds=prompt_seeds).to(self.device)  # (B, T)
+        uniforms = sampling_uniforms(len(prompts), k, self.sampling.max_new_tokens, generator=generator, prompt_seeds=prompt_seeds).to(self.device)  # (B, T)
+        raw_ids, raw_logps = self._generate(distinct_ids, distinct_mask, k, uniforms)
+        eos = torch.tensor(self.eos_ids, device=self.device)
+        completion_mask, truncated = completion_mask_from_eos(raw_ids, eos)  # (B, T)
+        completion_ids = raw_ids.masked_fill(~completion_mask, self.pad_id)
+        sample_token_logprobs = raw_logps.masked_fill(~completion_mask, 0.0)
+        return Rollout(
+            prompts=[p for p in prompts for _ in range(samples_per_prompt)],
+            completions=self.decode(completion_ids, completion_mask),
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=completion_ids,
+            completion_mask=completion_mask,
+            truncated=truncated,
+            sample_token_logprobs=sample_token_logprobs,
+            samples_per_prompt=samples_per_prompt,
+            sampled_from_policy=self.sampling.exact,
+        )
+
+    def _generate(self, distinct_ids: Tensor, distinct_mask: Tensor, k: int, uniforms: Tensor) -> tuple[Tensor, Tensor]:
+        """The decoding loop of ``sample``: ``k`` continuations of each left-padded row of ``distinct_ids`` (P, Tp), one
+        token per column of ``uniforms`` (P * k, T) at most. Returns raw token ids and their sampling log-probs, both
+        (P * k, steps), steps <= T, unmasked (positions after an EOS hold whatever was drawn)."""
+        b, tp, t_max = distinct_ids.shape[0] * k, distinct_ids.shape[1], uniforms.shape[1]
+        prompt_mask = distinct_mask.repeat_interleave(k, 0)
         eos = torch.tensor(self.eos_ids, device=self.device)
         distinct_positions = (distinct_mask.long().cumsum(-1) - 1).clamp(min=0)  # (P, Tp)
         cache = DynamicCache()
@@ -164,21 +191,45 @@ class HFPolicy:
                              cache=cache, use_cache=True)
             logits = out.logits[:, -1, :].float()  # (b, V)
             next_position = next_position + 1
-        completion_mask, truncated = completion_mask_from_eos(raw_ids[:, :steps], eos)  # (B, T)
-        completion_ids = raw_ids[:, :steps].masked_fill(~completion_mask, self.pad_id)
-        sample_token_logprobs = raw_logps[:, :steps].masked_fill(~completion_mask, 0.0)
-        return Rollout(
-            prompts=[p for p in prompts for _ in range(samples_per_prompt)],
-            completions=self.decode(completion_ids, completion_mask),
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
-            completion_ids=completion_ids,
-            completion_mask=completion_mask,
-            truncated=truncated,
-            sample_token_logprobs=sample_token_logprobs,
-            samples_per_prompt=samples_per_prompt,
-            sampled_from_policy=self.sampling.exact,
-        )
+        return raw_ids[:, :steps], raw_logps[:, :steps]
+
+    # --- continuing prefixes (the samplers of tilt.samplers) ---------------------------------------------------
+    @property
+    def max_length(self) -> int:
+        """Completion length limit in tokens (``sampling.max_new_tokens``)."""
+        return self.sampling.max_new_tokens
+
+    @torch.no_grad()
+    def sample_continuations(self, prompts: Sequence[str], prefixes: Sequence[Sequence[int]], max_new_tokens: Sequence[int], *,
+                             generator: torch.Generator | None = None) -> list[tuple[int, ...]]:
+        """Completions that start with the given token ids: row b is ``prefixes[b]`` followed by tokens drawn from the
+        model (with ``sampling``'s settings) given prompt b and that prefix, up to and including an EOS, or
+        ``max_new_tokens[b]`` new tokens. Returns each whole completion's token ids (prefix included).
+
+        The prefix is appended to the prompt's tokens as ids, not re-tokenised, so the continuation is drawn from
+        exactly pi(. | x, y_<i) as ``token_logprobs`` scores it."""
+        if not len(prompts) == len(prefixes) == len(max_new_tokens):
+            raise ValueError(f"{len(prompts)} prompts, {len(prefixes)} prefixes and {len(max_new_tokens)} lengths: give one of each per row")
+        if len(prompts) == 0:
+            return []
+        limits = [int(m) for m in max_new_tokens]
+        if min(limits) < 1:
+            raise ValueError("every continuation needs max_new_tokens >= 1: a prefix at the length limit has nothing left to sample")
+        prompt_ids, prompt_mask = self.encode_prompts(prompts)  # (B, Tp) left-padded
+        rows = [ids[m].tolist() + list(prefix) for ids, m, prefix in zip(prompt_ids.cpu(), prompt_mask.cpu(), prefixes)]
+        ids, mask = self._left_pad(rows)  # (B, W) prompt and prefix, left-padded
+        uniforms = torch.rand(len(rows), max(limits), generator=generator, dtype=torch.float64).to(self.device)  # (B, T)
+        raw_ids, _ = self._generate(ids, mask, 1, uniforms)  # (B, steps)
+        out = []
+        for prefix, new, limit in zip(prefixes, raw_ids.cpu().tolist(), limits):
+            new = new[:limit]
+            stop = next((t for t, tok in enumerate(new) if tok in self.eos_ids), None)
+            out.append(tuple(prefix) + tuple(new if stop is None else new[: stop + 1]))
+        return out
+
+    def decode_tokens(self, rows: Sequence[Sequence[int]]) -> list[str]:
+        """Completion texts of token-id rows, EOS and special tokens dropped (as ``decode``)."""
+        return self.tokenizer.batch_decode([list(r) for r in rows], skip_special_tokens=True)
 
     def decode(self, completion_ids: Tensor, completion_mask: Tensor) -> list[str]:
         """Completion texts: counted tokens only, EOS and special tokens dropped."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import torch
 
@@ -68,3 +69,31 @@ def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int = 0)
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+@dataclass
+class KLControlState:
+    """What an adaptive-beta run carries between steps (``tilt.math.kl_control``); owned by the caller, updated in place
+    by the recipe, checkpointed with the optimizer.
+
+    beta: the KL coefficient the next step uses (float64). budget_exceeded_step: the step whose KL estimate first
+    exceeded the config's ``kl_budget`` (the run stopped there), or None. A checkpoint stores both as float64 tensors
+    (``state_tensors``), so a resumed run continues with the same bits; a Python float round-trips JSON exactly too."""
+
+    beta: float
+    budget_exceeded_step: int | None = None
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """For a safetensors checkpoint: ``kl_control.beta`` and ``kl_control.budget_exceeded_step`` (-1 = None)."""
+        step = -1 if self.budget_exceeded_step is None else self.budget_exceeded_step
+        return {"kl_control.beta": torch.tensor([self.beta], dtype=torch.float64),
+                "kl_control.budget_exceeded_step": torch.tensor([step], dtype=torch.long)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "KLControlState":
+        """The inverse of ``state_tensors``; raises naming the missing key."""
+        for key in ("kl_control.beta", "kl_control.budget_exceeded_step"):
+            if key not in tensors:
+                raise ValueError(f"the checkpoint has no {key!r}: it was not written by an adaptive-beta run; resume without the KL controller state")
+        step = int(tensors["kl_control.budget_exceeded_step"].item())
+        return cls(beta=float(tensors["kl_control.beta"].double().item()), budget_exceeded_step=None if step < 0 else step)

@@ -20,7 +20,7 @@ Estimator, per step: P prompts, K samples each, y ~ pi (the current policy).
     per-token ratio surrogate (Schulman et al. 2017). The first pass equals REINFORCE.
 
 Departures from the papers: the baseline is leave-one-out (Ahmadian et al. 2024), not a learned value
-function, and there is no adaptive KL controller (beta is fixed). Loss reduction: mean over the sequences
+function, and beta is fixed unless ``kl_target`` > 0, which adapts it with Ziegler et al.'s proportional controller. Loss reduction: mean over the sequences
 of the step, whatever the micro-batch split (tests check the split does not change the gradient).
 
 The recipe sees only the ``Policy`` protocol, so it runs unchanged on Hugging Face models and in the lab.
@@ -33,7 +33,7 @@ whatever the number of processes. Metrics are computed on the per-sequence value
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -43,7 +43,8 @@ from tilt.math import importance
 from tilt.math.kl import KL_ESTIMATORS, sequence_kl, token_kl
 from tilt.math.masking import masked_sum
 from tilt.math.pg import kl_shaped_reward, leave_one_out_advantage, ppo_clip_loss, reinforce_loss
-from tilt.recipes.common import build_optimizer, lr_factor, micro_batches, prompt_indices, set_lr, step_prompt_seeds
+from tilt.math.kl_control import adaptive_kl_beta
+from tilt.recipes.common import KLControlState, build_optimizer, lr_factor, micro_batches, prompt_indices, set_lr, step_prompt_seeds
 from tilt.rewards import RewardFn, score_rollout
 from tilt.rollout import Policy, Rollout
 
@@ -72,8 +73,16 @@ class KLRLConfig:
     micro_batch_size: int = field(default=0, metadata={"help": "sequences per forward/backward pass; 0 = the whole step at once"})
     max_grad_norm: float = field(default=0.0, metadata={"help": "clip the gradient norm to this; 0 = no clipping"})
     seed: int = field(default=0, metadata={"help": "seed of prompt order and sampling"})
+    kl_target: float = field(default=0.0, metadata={"help": "target KL(pi || pi_ref) in nats per sequence: > 0 adapts beta every step with "
+                                                            "Ziegler et al. 2019's proportional controller, starting from beta; 0 = beta fixed"})
+    kl_horizon: float = field(default=10000.0, metadata={"help": "controller horizon: gain = sequences per step / horizon; 10000 as in Ziegler et al.'s code and TRL"})
+    kl_budget: float = field(default=0.0, metadata={"help": "stop once a step's KL(pi || pi_ref) estimate exceeds this many nats (docs/kl_rl.md says which checkpoint to keep); 0 = no budget"})
 
     def __post_init__(self):
+        if self.kl_target < 0 or self.kl_budget < 0 or not self.kl_horizon > 0:
+            raise ValueError(f"need kl_target >= 0, kl_budget >= 0 and kl_horizon > 0; got {self.kl_target}, {self.kl_budget}, {self.kl_horizon}")
+        if self.kl_target > 0 and self.beta == 0:
+            raise ValueError("kl_target adapts beta multiplicatively, so it cannot start from beta = 0: give an initial beta > 0")
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         if self.samples_per_prompt < 2:
@@ -208,6 +217,7 @@ def train(
     optimizer: torch.optim.Optimizer | None = None,
     start_step: int = 0,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    kl_state: KLControlState | None = None,
 ) -> torch.optim.Optimizer:
     """Run ``config.steps`` steps of KL-regularised RL of ``policy`` toward pi* ∝ ref * exp(reward / beta).
 
@@ -218,22 +228,44 @@ def train(
 
     Under several processes (``distributed.init``), every rank passes the same config and prompts; rank r takes the
     r-th contiguous shard of each step's ``prompts_per_step`` prompts (which must divide evenly).
+
+    Adaptive beta (``kl_target`` > 0) and the KL budget: ``kl_state`` (a ``KLControlState`` the caller owns and
+    checkpoints) holds the beta of the next step and is updated in place before ``on_step``; a resumed adaptive run
+    must pass the state saved with its checkpoint. Every step logs the ``beta`` it used. When a step's ``kl_ref``
+    exceeds ``kl_budget``, that step logs ``kl_budget_exceeded`` = 1, ``kl_state.budget_exceeded_step`` is set and
+    training stops after ``on_step``: the policy that step sampled from was over the budget, so the last policy
+    measured within it is the one the previous step sampled from (docs/kl_rl.md).
     """
     if len(prompts) == 0:
         raise ValueError("no prompts to train on")
     distributed.check_same_config({"recipe": "kl_rl", **asdict(config), "prompts": distributed.config_hash(list(prompts))})
     positions = distributed.shard_positions(config.prompts_per_step)  # range(prompts_per_step) in one process
     optimizer = optimizer or build_optimizer(config.optimizer, policy.parameters(), config.lr)
+    if kl_state is None:
+        if config.kl_target > 0 and start_step > 0:
+            raise ValueError("resuming an adaptive-beta run (kl_target > 0) needs the KLControlState saved with its checkpoint: pass kl_state")
+        kl_state = KLControlState(beta=config.beta)
     for step in range(start_step, config.steps):
         set_lr(optimizer, config.lr * lr_factor(step, config.steps, config.lr_schedule, config.warmup_steps))
         step_prompts = prompt_indices(len(prompts), step, config.prompts_per_step, config.seed)  # global list
         batch = [prompts[step_prompts[p]] for p in positions]
         seeds = step_prompt_seeds(config.seed, step, positions)  # by global position: same samples at any world size
-        metrics = kl_rl_step(config, policy, ref, reward_fn, batch, optimizer, seeds)
+        step_config = replace(config, beta=kl_state.beta) if config.kl_target > 0 else config
+        metrics = {**kl_rl_step(step_config, policy, ref, reward_fn, batch, optimizer, seeds), "beta": step_config.beta}
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"step {step}: the loss is {metrics['loss']}; lower the learning rate or check the reward scale")
+        if config.kl_target > 0:
+            kl_state.beta = adaptive_kl_beta(kl_state.beta, metrics["kl_ref"], target=config.kl_target, horizon=config.kl_horizon,
+                                             n_steps=config.prompts_per_step * config.samples_per_prompt)
+        over = config.kl_budget > 0 and metrics["kl_ref"] > config.kl_budget
+        if config.kl_budget > 0:
+            metrics["kl_budget_exceeded"] = float(over)
+        if over:
+            kl_state.budget_exceeded_step = step
         if on_step is not None:
             on_step(step, metrics)
+        if over:
+            break
     return optimizer
 
 
