@@ -107,8 +107,8 @@ def test_dpo_resumes_from_its_checkpoint_and_writes_the_same_metrics(world, dpo_
     assert main(["dpo", "--resume", str(run)]) == 0
     full, resumed = runs.read_jsonl(dpo_run / "metrics.jsonl"), runs.read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in resumed] == [r["step"] for r in full]
-    for a, b in zip(full, resumed):
-        assert b == pytest.approx(a, rel=1e-5, abs=1e-7)
+    for a, b in zip(full, resumed):  # step_time is wall-clock time, the one value a resumed run does not reproduce
+        assert {k: v for k, v in b.items() if k != "step_time"} == pytest.approx({k: v for k, v in a.items() if k != "step_time"}, rel=1e-5, abs=1e-7)
 
 
 @pytest.mark.parametrize("command,extra", [("online-dpo", []), ("xpo", ["--alpha", "0.001"])])

@@ -49,12 +49,15 @@ class DPORun:
     model: str = field(default="", metadata={"help": "the policy to train: a from_pretrained folder, a cached hub id, or 'embedded'"})
     ref: str = field(default="", metadata={"help": "the reference pi_ref (same tokenizer); default: the same as model"})
     preferences: str = field(default="", metadata={"help": "preferences data file, rows {prompt, chosen, rejected} (or chats)"})
+    held_out: float = field(default=0.0, metadata={"help": "share of the pairs kept out of training (a seeded split), evaluated every eval_every steps and at the end as eval/* metrics; 0 = none"})
     checkpoint_every: int = field(default=50, metadata={"help": "save a checkpoint every this many steps (and at the end); 0 = only at the end"})
     keep_checkpoints: int = field(default=2, metadata={"help": "keep the newest N checkpoints; 0 = keep all"})
 
     def __post_init__(self):
         _need(self, ("model", "preferences"))
         _check_checkpointing(self)
+        if not 0 <= self.held_out < 1:
+            raise ValueError(f"held_out must be in [0, 1), got {self.held_out}")
 
 
 @dataclass(frozen=True)
@@ -479,7 +482,9 @@ def train_dpo(config: dict, run_dir: Path, *, resume: bool) -> int:
     tokenizer = load_tokenizer(settings.model)
     data = load_data(settings.preferences, secs["data"], tokenizer=tokenizer)
     policy = HFPolicy(load_model(str(checkpoint) if checkpoint is not None else settings.model), tokenizer)
-    pairs = preference_pairs(policy, data.rows)
+    train_rows, eval_rows = split_pairs(data.rows, settings.held_out, cfg.seed)
+    pairs = preference_pairs(policy, train_rows)
+    eval_pairs = preference_pairs(policy, eval_rows) if eval_rows else None
     if settings.ref == settings.model and checkpoint is None:
         ref = policy  # the reference is the initial policy: score the pairs with it before any update
     else:
@@ -488,6 +493,7 @@ def train_dpo(config: dict, run_dir: Path, *, resume: bool) -> int:
             raise ValueError(f"the reference {settings.ref!r} has a vocabulary of {len(ref.tokenizer)} tokens and the model "
                              f"{len(tokenizer)}: DPO needs the same tokenizer")
     ref_logprobs = dpo.reference_logprobs(ref, pairs, cfg.micro_batch_size)  # once, reused by every step
+    eval_ref_logprobs = dpo.reference_logprobs(ref, eval_pairs, cfg.micro_batch_size) if eval_pairs is not None else None
     del ref
     margin_before, accuracy_before = pair_margins(policy, pairs, ref_logprobs, cfg.beta, cfg.micro_batch_size)
     run = _open_run(run_dir, config, resume)
@@ -499,13 +505,14 @@ def train_dpo(config: dict, run_dir: Path, *, resume: bool) -> int:
         runs.save_checkpoint(run, step, policy.model, tokenizer, optimizer, keep=settings.keep_checkpoints, extra={"recipe": "dpo"})
 
     stopped = run_steps("dpo", run, steps, start, lambda on_step: dpo.train(
-        cfg, policy, policy, pairs, ref_logprobs=ref_logprobs, optimizer=optimizer, start_step=start, on_step=on_step),
+        cfg, policy, policy, pairs, ref_logprobs=ref_logprobs, eval_pairs=eval_pairs, eval_ref_logprobs=eval_ref_logprobs,
+        optimizer=optimizer, start_step=start, on_step=on_step),
         save=save, checkpoint_every=settings.checkpoint_every, shown=("loss", "reward_margin", "accuracy"))
     if stopped is not None:
         return stopped
     runs.save_final(run, policy.model, tokenizer)
     margin_after, accuracy_after = pair_margins(policy, pairs, ref_logprobs, cfg.beta, cfg.micro_batch_size)
-    _finish(run, {"pairs": len(pairs), "steps": steps, "reward_margin_before": margin_before, "reward_margin_after": margin_after,
+    _finish(run, {"pairs": len(pairs), "held_out_pairs": len(eval_rows), "steps": steps, "reward_margin_before": margin_before, "reward_margin_after": margin_after,
                   "accuracy_before": accuracy_before, "accuracy_after": accuracy_after})
     return 0
 

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from tilt.math.bc import bc_loss, floored_token_logprobs
-from tilt.recipes.common import build_optimizer, lr_factor, micro_batches, prompt_indices, set_lr
+from tilt.recipes.common import build_optimizer, grad_norm_and_clip, learning_rate, lr_factor, micro_batches, prompt_indices, set_lr
 from tilt.rollout import Policy, Rollout
 
 
@@ -118,11 +118,10 @@ def bc_step(config: BCConfig, policy: Policy, batch: Rollout, optimizer: torch.o
         loss = per_seq.sum() / n_tokens  # the one reduction: mean over the step's completion tokens
         loss.backward()
         total += loss.item()
-    grad_norm = 0.0
-    if config.max_grad_norm > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm))
+    grad_norm = float(grad_norm_and_clip([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm))
     optimizer.step()
-    return {"loss": total, "tokens": float(n_tokens), "sequences": float(len(batch)), "grad_norm": grad_norm}
+    return {"loss": total, "tokens": float(n_tokens), "sequences": float(len(batch)), "grad_norm": grad_norm,
+            "learning_rate": learning_rate(optimizer)}
 
 
 @torch.no_grad()

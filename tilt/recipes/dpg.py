@@ -40,7 +40,8 @@ import torch
 from tilt.math import importance
 from tilt.math.fdiv import DIVERGENCES, f_divergence_loss, importance_weights, log_density_ratio, pseudo_reward, weighted_leave_one_out_baseline
 from tilt.math.masking import masked_sum
-from tilt.recipes.common import build_optimizer, lr_factor, micro_batches, prompt_indices, set_lr, step_prompt_seeds
+from tilt.recipes.common import (ConstantRewardWatch, build_optimizer, frac_zero_std, grad_norm_and_clip, learning_rate, lr_factor,
+                                 micro_batches, prompt_indices, set_lr, step_prompt_seeds)
 from tilt.math.target import tilted_log_weight
 from tilt.recipes.kl_rl import score_tokens
 from tilt.rewards import score_rewards
@@ -183,9 +184,7 @@ def dpg_step(
         loss = f_divergence_loss(tok, advantages[part], weights[part], sub.completion_mask).sum() / n_seq
         loss.backward()  # the one reduction: mean over the step's sequences
         total_loss += loss.item()
-    grad_norm = 0.0
-    if config.max_grad_norm > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm))
+    grad_norm = float(grad_norm_and_clip([p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm))
     optimizer.step()
 
     kl_ref = weights * (log_pi - ref_seq)  # IS estimate of KL(pi || pi_ref) per sample
@@ -197,6 +196,8 @@ def dpg_step(
         "advantage_abs": advantages.abs().mean().item(),
         "importance_weight_max": weights.max().item(),
         "grad_norm": grad_norm,
+        "learning_rate": learning_rate(optimizer),
+        "frac_reward_zero_std": frac_zero_std(rewards.view(-1, k)),
         "proposal_updates": float(state.proposal_updates),
     }
     if log_diagnostics:
@@ -249,6 +250,7 @@ def train(
     state = state or DPGState()
     if config.mode == "adaptive" and state.proposal is None:
         state.proposal = frozen_copy(policy)
+    watch = ConstantRewardWatch()
     for step in range(start_step, config.steps):
         set_lr(optimizer, config.lr * lr_factor(step, config.steps, config.lr_schedule, config.warmup_steps))
         batch = [prompts[i] for i in prompt_indices(len(prompts), step, config.prompts_per_step, config.seed)]
@@ -259,6 +261,7 @@ def train(
             metrics.update(maybe_update_proposal(config, policy, state))
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"step {step}: the loss is {metrics['loss']}; lower the learning rate or check the target")
+        watch.update(step, metrics["frac_reward_zero_std"])
         if on_step is not None:
             on_step(step, metrics)
     return optimizer, state

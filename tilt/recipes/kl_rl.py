@@ -43,7 +43,8 @@ from tilt.math import importance
 from tilt.math.kl import KL_ESTIMATORS, sequence_kl, token_kl
 from tilt.math.masking import masked_sum
 from tilt.math.pg import kl_shaped_reward, leave_one_out_advantage, ppo_clip_loss, reinforce_loss
-from tilt.recipes.common import build_optimizer, lr_factor, micro_batches, prompt_indices, set_lr, step_prompt_seeds
+from tilt.recipes.common import (ConstantRewardWatch, build_optimizer, frac_zero_std, grad_norm_and_clip, learning_rate, lr_factor,
+                                 micro_batches, prompt_indices, set_lr, step_prompt_seeds)
 from tilt.rewards import RewardFn, score_rewards
 from tilt.rollout import Policy, Rollout
 
@@ -160,9 +161,8 @@ def kl_rl_step(
             totals["loss"] += loss.item() / config.ppo_epochs
             totals["clip_fraction"] += clipped.item() / n_seq / config.ppo_epochs
         distributed.reduce_gradients(policy, params)  # sum over ranks; nothing in one process
-        if config.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            totals["grad_norm"] += distributed.as_float(norm) / config.ppo_epochs
+        norm = grad_norm_and_clip(params, config.max_grad_norm)  # measured every step, clipped when asked
+        totals["grad_norm"] += distributed.as_float(norm) / config.ppo_epochs
         optimizer.step()
     totals["loss"], totals["clip_fraction"] = distributed.all_sum([totals["loss"], totals["clip_fraction"]])
 
@@ -188,6 +188,8 @@ def kl_rl_step(
         "advantage_abs": advantages.abs().mean().item(),
         "completion_length": lengths.float().mean().item(),
         "truncated_fraction": truncated.float().mean().item(),
+        "frac_reward_zero_std": frac_zero_std(rewards.view(-1, k)),
+        "learning_rate": learning_rate(optimizer),
         **totals,
         **posterior,
     }
@@ -219,6 +221,7 @@ def train(
     distributed.check_same_config({"recipe": "kl_rl", **asdict(config), "prompts": distributed.config_hash(list(prompts))})
     positions = distributed.shard_positions(config.prompts_per_step)  # range(prompts_per_step) in one process
     optimizer = optimizer or build_optimizer(config.optimizer, policy.parameters(), config.lr)
+    watch = ConstantRewardWatch()
     for step in range(start_step, config.steps):
         set_lr(optimizer, config.lr * lr_factor(step, config.steps, config.lr_schedule, config.warmup_steps))
         step_prompts = prompt_indices(len(prompts), step, config.prompts_per_step, config.seed)  # global list
@@ -227,6 +230,7 @@ def train(
         metrics = kl_rl_step(config, policy, ref, reward_fn, batch, optimizer, seeds)
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"step {step}: the loss is {metrics['loss']}; lower the learning rate or check the reward scale")
+        watch.update(step, metrics["frac_reward_zero_std"])
         if on_step is not None:
             on_step(step, metrics)
     return optimizer

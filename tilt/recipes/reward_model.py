@@ -20,7 +20,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from tilt.math.preference import bradley_terry_loss
-from tilt.recipes.common import build_optimizer, lr_factor, prompt_indices, set_lr
+from tilt.recipes.common import build_optimizer, grad_norm_and_clip, learning_rate, lr_factor, prompt_indices, set_lr
 from tilt.reward_fns import SequenceClassifierReward
 
 
@@ -82,11 +82,12 @@ def train(
         loss = bradley_terry_loss(rc, rr).mean()  # mean over the step's pairs
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        grad_norm = float(grad_norm_and_clip(reward.model.parameters(), 0.0))  # measured, never clipped
         optimizer.step()
         if on_step is not None:
             margin = (rc - rr).detach()
             on_step(step, {"loss": loss.item(), "accuracy": ((margin > 0).double() + 0.5 * (margin == 0).double()).mean().item(),
-                           "margin": margin.mean().item()})
+                           "margin": margin.mean().item(), "grad_norm": grad_norm, "learning_rate": learning_rate(optimizer)})
     reward.model.eval()
     return optimizer
 
