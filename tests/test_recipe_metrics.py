@@ -133,3 +133,18 @@ def test_divergences_are_shown_clipped_at_zero_with_their_estimator():
     assert show_divergence(0.25, (-0.1, 0.6), estimator="SNIS") == "0.25 [0, 0.6] (SNIS)"
     assert show_divergence(0.25, None, estimator="k3") == "0.25 (k3)"
     assert show_divergence(float("nan"), estimator="k1").startswith("–")
+
+
+def test_tilt_sample_says_when_it_shortens_text(capsys):
+    from tilt.cli.evaluate import _print_samples
+
+    long_text = "word " * 40  # 200 characters
+    rows = [{"prompt": "p", "completion": long_text, "reward": 1.0}, {"prompt": "p", "completion": "short", "reward": 0.0}]
+    _print_samples({"mode": "plain", "model": "m"}, rows)
+    out = capsys.readouterr().out
+    assert long_text not in out and "1 of the texts above are cut to 100 characters" in out and "--full-text" in out
+    _print_samples({"mode": "plain", "model": "m"}, rows, full_text=True)
+    out = capsys.readouterr().out
+    assert long_text in out and "cut to" not in out
+    _print_samples({"mode": "plain", "model": "m"}, rows[1:])
+    assert "cut to" not in capsys.readouterr().out  # nothing shortened, nothing said

@@ -24,7 +24,7 @@ from tilt.engine.hf import HFPolicy, SamplingConfig
 from tilt.engine.loading import load_model_and_tokenizer
 from tilt.evaluation import EvalConfig, evaluate
 from tilt.recipes import kl_rl
-from tilt.report import build_report
+from tilt.report import build_report, show_divergence
 from tilt.reward_fns import reward_from_spec
 
 
@@ -101,7 +101,8 @@ def run_demo(args: argparse.Namespace) -> int:
         if done in eval_steps:
             ev = evaluate(eval_config, policy, ref, reward, held_out)  # samples both sides: the reference's are "before"
             trajectory.append((done, ev.metrics))
-            runs.append_jsonl(run / "evals.jsonl", {"step": done, **ev.metrics})
+            runs.append_jsonl(run / "evals.jsonl", {"step": done, "model": f"the policy at step {done}", "ref": args.model,
+                                                    "reward": "sentiment", **ev.metrics})
             if ev.metrics["kl_ref"] > args.kl_budget:
                 raise OverBudget(done)
             # the newest policy within the budget is the one the demo keeps
@@ -131,7 +132,7 @@ def run_demo(args: argparse.Namespace) -> int:
     m = after.metrics
     rows = [  # before training the policy is the reference: KL is 0 and the win rate 1/2 exactly
         ("mean reward (VADER compound, -1..1)", _ci(m, "ref_reward_mean"), _ci(m, "reward_mean")),
-        ("KL(pi || pi_ref), nats", "0 (exactly)", _ci(m, "kl_ref")),
+        ("KL(pi || pi_ref), nats", "0 (exactly)", show_divergence(m["kl_ref"], m["kl_ref_ci"], estimator="k1", digits=3)),
         ("win rate against pi_ref", "0.5 (exactly)", _ci(m, "win_rate")),
     ]
     print(f"\n[4/4] On {len(held_out)} held-out openings, {args.eval_samples} samples each per side "
@@ -139,7 +140,8 @@ def run_demo(args: argparse.Namespace) -> int:
     print(table(["", "before (the reference)", f"after {last_step} steps"], rows))
     print("\nReward and win rate as KL grows (KL budget {:g} nats):\n".format(args.kl_budget))
     print(table(["step", "KL(pi || pi_ref)", "mean reward", "win rate"],
-                [(0, 0.0, m["ref_reward_mean"], 0.5)] + [(st, e["kl_ref"], e["reward_mean"], e["win_rate"]) for st, e in trajectory]))
+                [(0, "0", m["ref_reward_mean"], 0.5)]
+                + [(st, show_divergence(e["kl_ref"], estimator="k1", digits=3), e["reward_mean"], e["win_rate"]) for st, e in trajectory]))
     print("\nThree openings, a sample of the reference (before) and of the trained policy (after):\n")
     for i in range(3):
         b, a = after.ref.completions[i][0], after.policy.completions[i][0]

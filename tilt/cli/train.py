@@ -539,12 +539,15 @@ def train_kl_rl(config: dict, run_dir: Path, *, resume: bool) -> int:
     distributed.shutdown()
     rows = runs.read_jsonl(run / "metrics.jsonl")
     if rows:
+        from tilt.report import show_divergence
+
         last = rows[-1]
+        kl = show_divergence(last["kl_ref"], estimator="k1 on the step's samples")
         if calibration.active:
             print(f"# step {last['step']}: reward {last['reward']:.4f} ({calibration.describe()}), raw reward "
-                  f"{last['reward_raw']:.4f}, mean C {last['reward_calibrated']:.4f}, KL to ref {last['kl_ref']:.4f}")
+                  f"{last['reward_raw']:.4f}, mean C {last['reward_calibrated']:.4f}, KL to ref {kl}")
         else:
-            print(f"# step {last['step']}: reward {last['reward']:.4f}, KL to ref {last['kl_ref']:.4f}")
+            print(f"# step {last['step']}: reward {last['reward']:.4f}, KL to ref {kl}")
     print(f"# run directory: {run}\n# trained policy: {final}")
     return 0
 

@@ -422,8 +422,12 @@ def _restore(checkpoint: Path | None, optimizer, total: int, start: int) -> dict
 def _finish(run: Path, summary: dict) -> None:
     runs.write_atomic(run / "summary.json", json.dumps(summary, indent=1) + "\n")
     width = max(len(k) for k in summary)
+    from tilt.report import divergence_estimator, show_divergence
+
     for key, value in summary.items():
-        if isinstance(value, float):
+        if isinstance(value, float) and divergence_estimator(key):
+            shown = show_divergence(value, summary.get(f"{key}_ci"), estimator=divergence_estimator(key))
+        elif isinstance(value, float):
             shown = f"{value:.4f}"
         elif isinstance(value, list):
             shown = "[" + ", ".join(f"{v:.4f}" for v in value) + "]"
