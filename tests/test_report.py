@@ -241,5 +241,5 @@ def test_pipeline_runs_show_every_stage(tmp_path, pipeline, in_progress):
 
 def test_divergence_keys_name_their_estimator():
     assert [divergence_estimator(k) for k in ("kl_ref", "kl_ref_k3", "target_kl_target_policy", "is_js", "kl_clone",
-                                               "before_kl_init", "reward", "target_log_z", "target_ess_fraction")] == \
-        ["k1", "k3", "SNIS", "IS", "k1", "k1", None, None, None]
+                                               "before_kl_init", "reward", "target_log_z", "target_ess_fraction", "kl_budget")] == \
+        ["k1", "k3", "SNIS", "IS", "k1", "k1", None, None, None, None]

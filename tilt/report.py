@@ -79,7 +79,7 @@ def divergence_estimator(key: str) -> str | None:
     base = base[len("before_"):] if base.startswith("before_") else base
     if base in ("kl_ref_k3",):
         return "k3"
-    if base in ("kl_ref", "kl") or (base.startswith("kl_") and not base.startswith(("kl_target", "kl_policy"))):
+    if base in ("kl", "kl_ref", "kl_clone", "kl_init", "kl_start"):  # the pipelines' measure() names kl_<reference>
         return "k1"
     for prefix in ("target_", "is_"):
         if base.startswith(prefix):
@@ -584,6 +584,7 @@ table.wide { width: 100%; table-layout: fixed; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.55em; vertical-align: top; text-align: left; overflow-wrap: anywhere; }
 th { background: #f3f3f3; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.key { overflow-wrap: normal; }
 td.text { white-space: pre-wrap; font-family: ui-monospace, monospace; font-size: 0.88em; }
 .na { color: #888; }
 .warn { background: #fff4d6; border: 1px solid #e0b400; padding: 0.6em 0.9em; margin: 1em 0; }
@@ -850,8 +851,10 @@ def _run_body(run: Run, prefix: str, plots: _Plots, *, overview: bool) -> str:
         parts.append("<p>No per-step metrics (this stage trains nothing, or has not logged a step yet).</p>")
     diag_prefix = POSTERIOR_PREFIX.get(run.recipe)
     if diag_prefix:
+        why = {"is_": "DPG logs them every diagnostics_interval steps", "target_": ONLINE_DIAG_WHY if "dpo" in run.recipe or
+               run.recipe == "xpo" else KL_RL_DIAG_WHY}[diag_prefix]
         parts.append(_diagnostics_html(run, diag_prefix) or
-                     f"<p class='note'>No posterior diagnostics: this run logged no {diag_prefix}* keys.</p>")
+                     f"<p class='note'>No posterior diagnostics: this run logged no {diag_prefix}* keys ({_e(why)}).</p>")
     if run.summary:
         parts.append(f"<h4>Measured after training ({_e(run.summary_name)})</h4>" + _dict_table(run.summary))
     parts.append(_recipe_html(run, prefix, plots))
