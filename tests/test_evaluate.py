@@ -277,7 +277,7 @@ def test_report_writes_pngs_and_an_escaped_html_page(tmp_path, capsys):
     text = page.read_text()
     assert "<script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
     assert "&lt;b&gt;bold&lt;/b&gt; &amp; &#x27;odd&#x27;" in text and "&lt;i&gt;not html&lt;/i&gt;" in text
-    assert text.count("data:image/png;base64,") == 4
+    assert text.count("data:image/png;base64,") == 6  # the four comparison plots, and each run's loss (its recipe's page)
     assert "at step 0:" in text and "at step 12:" in text and "at step 6:" not in text  # before = first, after = last
     assert "run_a" in text and "run_b" in text
 
@@ -286,7 +286,7 @@ def test_report_without_win_rates_or_samples(tmp_path):
     write_run(tmp_path / "run", win_rates=False)
     (tmp_path / "run" / "samples.jsonl").unlink()
     page, plots = build_report(tmp_path / "run", out_dir=tmp_path / "out")
-    assert sorted(plots) == ["kl", "reward", "tradeoff"] and not (tmp_path / "out" / "win_rate.png").exists()
+    assert sorted(plots) == ["1-run-loss", "kl", "reward", "tradeoff"] and not (tmp_path / "out" / "win_rate.png").exists()
     assert "No samples logged" in page.read_text()
 
 

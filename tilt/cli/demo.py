@@ -103,7 +103,8 @@ def demo(config: dict, sections: dict, run_dir: Path, signals, log) -> dict | in
             return
         ev = evaluate(eval_config, policy, ref, reward, held_out)  # samples both sides: the reference's are "before"
         trajectory.append((done, ev.metrics))
-        runs.append_jsonl(out / "evals.jsonl", {"step": done, **ev.metrics})
+        runs.append_jsonl(out / "evals.jsonl", {"step": done, "model": f"the policy at step {done}", "ref": run.model,
+                                                "reward": ",".join(run.reward), **ev.metrics})
         if ev.metrics["kl_ref"] > d.kl_budget:
             raise OverBudget(done)
         # the newest policy within the budget is the one the demo keeps
@@ -144,10 +145,12 @@ def demo(config: dict, sections: dict, run_dir: Path, signals, log) -> dict | in
 
 
 def show(result: dict, d, seconds: float) -> None:
+    from tilt.report import show_divergence
+
     after, held_out, m = result["after"], result["held_out"], result["after"].metrics
     rows = [  # before training the policy is the reference: KL is 0 and the win rate 1/2 exactly
         ("mean reward (VADER compound, -1..1)", _ci(m, "ref_reward_mean"), _ci(m, "reward_mean")),
-        ("KL(pi || pi_ref), nats", "0 (exactly)", _ci(m, "kl_ref")),
+        ("KL(pi || pi_ref), nats", "0 (exactly)", show_divergence(m["kl_ref"], m["kl_ref_ci"], estimator="k1", digits=3)),
         ("win rate against pi_ref", "0.5 (exactly)", _ci(m, "win_rate")),
     ]
     print(f"\n[4/4] On {len(held_out)} held-out openings, {d.eval_samples} samples each per side "
@@ -155,7 +158,9 @@ def show(result: dict, d, seconds: float) -> None:
     print(table(["", "before (the reference)", f"after {result['last_step']} steps"], rows))
     print(f"\nReward and win rate as KL grows (KL budget {d.kl_budget:g} nats):\n")
     print(table(["step", "KL(pi || pi_ref)", "mean reward", "win rate"],
-                [(0, 0.0, m["ref_reward_mean"], 0.5)] + [(st, e["kl_ref"], e["reward_mean"], e["win_rate"]) for st, e in result["trajectory"]]))
+                [(0, "0", m["ref_reward_mean"], 0.5)]
+                + [(st, show_divergence(e["kl_ref"], estimator="k1", digits=3), e["reward_mean"], e["win_rate"])
+                   for st, e in result["trajectory"]]))
     print("\nThree openings, a sample of the reference (before) and of the trained policy (after):\n")
     for i in range(3):
         b, a = after.ref.completions[i][0], after.policy.completions[i][0]

@@ -157,14 +157,17 @@ def run_eval(args: argparse.Namespace) -> int:
             ("KL(model || ref), k1", "kl_ref"), ("KL(model || ref), k3", "kl_ref_k3"), ("win rate vs reference", "win_rate")]
     if args.best_of:
         rows += [(f"best-of-{args.best_of} win rate", "win_rate_bon"), (f"worst-of-{args.best_of} win rate", "win_rate_won")]
-    print(table(["quantity", "estimate", f"{pct} low", f"{pct} high"], [(name, m[k], *m[f"{k}_ci"]) for name, k in rows]))
+    nonneg = lambda key, v: max(v, 0.0) if key.startswith(("kl_", "target_kl", "target_tv", "target_js")) else v  # noqa: E731
+    print(table(["quantity", "estimate", f"{pct} low", f"{pct} high"],
+                [(name, m[k], *(nonneg(k, v) for v in m[f"{k}_ci"])) for name, k in rows]))
+    print("(a KL, TV or JS cannot be negative: its interval is shown clipped at 0; --json gives the raw bounds)")
     if args.beta is not None:
         print(f"\ntilted target pi* ∝ ref·exp(reward/{fmt(args.beta)}), importance-sampled from the model's samples "
               "(95% delta-method intervals; read the ESS first)\n")
         target_rows = [("log Z (mean over prompts)", "target_log_z"), ("KL(pi* || model)", "target_kl_target_policy"),
                        ("KL(model || pi*)", "target_kl_policy_target"), ("TV(model, pi*)", "target_tv"), ("JS(model, pi*)", "target_js")]
         print(table(["quantity", "estimate", "95% low", "95% high"],
-                    [(name, m[k], m[f"{k}_lower"], m[f"{k}_upper"]) for name, k in target_rows]))
+                    [(name, m[k], nonneg(k, m[f"{k}_lower"]), nonneg(k, m[f"{k}_upper"])) for name, k in target_rows]))
         print(f"ESS {m['target_ess']:.1f} of {m['samples_per_prompt']} samples per prompt ({100 * m['target_ess_fraction']:.0f}%)")
     print(f"\nmean length {m['completion_length']:.1f} tokens (reference {m['ref_completion_length']:.1f}); "
           f"{100 * m['truncated_fraction']:.0f}% hit the length limit (reference {100 * m['ref_truncated_fraction']:.0f}%)")
@@ -272,6 +275,8 @@ def add_sample_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1 = off (default)")
     p.add_argument("--out", metavar="FILE.jsonl", default=None, help="also write the samples as JSON Lines {prompt, completion, reward}")
+    p.add_argument("--full-text", action="store_true",
+                   help="print prompts and completions whole (default: cut to 100 characters, newlines shown as \\n, and said so)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(run=run_sample)
 
@@ -362,7 +367,7 @@ def _run_sample(args: argparse.Namespace) -> int:
     if args.json:
         print_json(report)
         return 0
-    _print_samples(report, rows)
+    _print_samples(report, rows, full_text=args.full_text)
     return 0
 
 
@@ -445,6 +450,8 @@ def _sample_posterior(policy, ref, chunks, args, mode, reward_fn, g, report) -> 
 
 def _sample_mcmc(policy, ref, chunks, args, mode, reward_fn, g, report) -> list[dict]:
     """MH or SMC toward pi* ∝ ref exp(r/beta), drawing only from the reference (tilt.samplers); ``policy`` is unused."""
+    import torch
+
     from tilt.rewards import score_rewards
     from tilt.samplers import smc, suffix_mh
     from tilt.target import TiltedTarget
@@ -479,7 +486,7 @@ def _sample_mcmc(policy, ref, chunks, args, mode, reward_fn, g, report) -> list[
     return rows
 
 
-def _print_samples(report: dict, rows: list[dict]) -> None:
+def _print_samples(report: dict, rows: list[dict], *, full_text: bool = False) -> None:
     mode = report["mode"]
     head = {"plain": "samples", "best-of-n": f"best of {report.get('best_of')}", "worst-of-n": f"worst of {report.get('worst_of')}",
             "qrs": f"quasi-rejection sampling (Q = {report.get('qrs_beta')}, beta = {report.get('beta')})",
@@ -487,13 +494,23 @@ def _print_samples(report: dict, rows: list[dict]) -> None:
             "mh": f"Metropolis-Hastings, {report.get('steps')} suffix-resampling steps per chain (beta = {report.get('beta')})",
             "smc": f"sequential Monte Carlo, {report.get('particles')} particles (beta = {report.get('beta')})"}[mode]
     print(f"\n{report['model']}: {head}\n")
-    last = None
+    last, cut = None, 0
+
+    def shown(text: str) -> str:
+        nonlocal cut
+        if full_text:
+            return text
+        cut += len(text.replace("\n", "\\n")) > 100
+        return _short(text, 100)
+
     for r in rows:
         if r["prompt"] != last:
-            print(f"prompt: {_short(str(r['prompt']), 100)}")
+            print(f"prompt: {shown(str(r['prompt']))}")
             last = r["prompt"]
         score = f"[{fmt(r['reward'])}] " if "reward" in r else ""
-        print(f"  {score}{_short(r['completion'], 100)}")
+        print(f"  {score}{shown(r['completion'])}")
+    if cut:
+        print(f"\n({cut} of the texts above are cut to 100 characters; --full-text prints them whole, --json and --out keep them whole)")
     if mode == "qrs":
         print(f"\naccepted {report['accepted']} of {report['prompts'] * report['candidates']} candidates "
               f"(rate {report['acceptance_rate']:.3f}); estimated TV(pi*, sampler) {report['tv_estimate']:.3f}, "

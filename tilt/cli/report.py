@@ -1,5 +1,7 @@
-"""``tilt report RUN_DIR [--compare RUN_DIR ...]``: plots of reward, KL and their trade-off (PNG), and an HTML page
-with the plots and samples before and after training. Prints the path of the HTML page."""
+"""``tilt report RUN_DIR [--compare RUN_DIR ...]``: PNG plots and one HTML page per report: reward and KL over
+training with smoothed lines and bands, the posterior diagnostics, the plots of the run's recipe (every recipe and
+pipeline), win rate against KL across evaluations and runs, and samples before and after training. Prints the path of
+the HTML page."""
 from __future__ import annotations
 
 import argparse
@@ -10,11 +12,14 @@ from tilt.cli.output import print_json
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "report",
-        help="plots of reward, KL and their trade-off, and an HTML page with samples before and after training",
-        description="Read RUN_DIR/metrics.jsonl (one JSON object per step) and RUN_DIR/samples.jsonl, write reward.png, "
-        "kl.png, tradeoff.png (reward against KL) and, when the run logs win rates, win_rate.png (win rate against KL), "
-        "then report.html with the plots embedded, a summary, and the completions of the first logged step next to "
-        "those of the last. With --compare, every run goes on the same plots (for example a sweep over beta).",
+        help="an HTML page of plots and numbers: reward, KL, posterior diagnostics, the recipe's metrics, evaluations, samples",
+        description="Read a run directory (metrics.jsonl, samples.jsonl, config.yaml, evals.jsonl, summary.json; a pipeline "
+        "run stage by stage) and write PNG plots and report.html: reward and KL over steps (moving average with a band "
+        "of one rolling standard deviation), the posterior diagnostics (log Z, KL both ways, TV, JS with intervals, ESS "
+        "fraction), the plots of the run's recipe (KL-RL/CTRL, DPG, DPO, online DPO/XPO, reward model, pipelines), win "
+        "rate against KL across evaluations, and the completions of the first logged step next to those of the last. "
+        "With --compare, runs of the same reward share each plot (for example a sweep over beta); runs of different "
+        "rewards are flagged and drawn apart. See docs/eval_and_sample.md.",
         epilog="Example: tilt report runs/beta-0.05 --compare runs/beta-0.1 runs/beta-0.2",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by training")

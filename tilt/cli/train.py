@@ -185,9 +185,15 @@ def check_inputs(command: str, run_dir: Path, config: dict, accept_text: str, *,
 
 
 def print_summary(summary: dict) -> None:
+    """The summary for people: a KL estimate that cannot be negative is shown clipped at 0 with its estimator and raw
+    value (``tilt.report.show_divergence``); ``--json`` and summary.json keep the raw numbers."""
+    from tilt.report import show_divergence
+
     width = max(len(k) for k in summary)
     for key, value in summary.items():
-        if isinstance(value, float):
+        if key.startswith("kl_") and isinstance(value, float):
+            shown = show_divergence(value, estimator="k1")
+        elif isinstance(value, float):
             shown = f"{value:.4f}"
         elif isinstance(value, list) and all(isinstance(v, float) for v in value):
             shown = "[" + ", ".join(f"{v:.4f}" for v in value) + "]"

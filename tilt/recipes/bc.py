@@ -36,7 +36,7 @@ from torch import Tensor
 
 from tilt import distributed
 from tilt.math.bc import bc_loss, floored_token_logprobs
-from tilt.recipes.common import build_optimizer, lr_factor, micro_batches, prompt_indices, set_lr
+from tilt.recipes.common import build_optimizer, grad_norm_and_clip, learning_rate, lr_factor, micro_batches, prompt_indices, set_lr
 from tilt.rollout import Policy, Rollout
 
 
@@ -126,12 +126,11 @@ def bc_step(config: BCConfig, policy: Policy, batch: Rollout, optimizer: torch.o
             loss.backward()
         total += loss.item()
     distributed.reduce_gradients(policy, params)  # sum over ranks; nothing in one process
-    grad_norm = 0.0
-    if config.max_grad_norm > 0:
-        grad_norm = distributed.as_float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+    grad_norm = distributed.as_float(grad_norm_and_clip(params, config.max_grad_norm))
     optimizer.step()
     total, sequences = distributed.all_sum([total, float(len(batch))])
-    return {"loss": total, "tokens": float(n_tokens), "sequences": sequences, "grad_norm": grad_norm}
+    return {"loss": total, "tokens": float(n_tokens), "sequences": sequences, "grad_norm": grad_norm,
+            "learning_rate": learning_rate(optimizer)}
 
 
 @torch.no_grad()

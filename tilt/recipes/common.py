@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -97,3 +98,46 @@ class KLControlState:
                 raise ValueError(f"the checkpoint has no {key!r}: it was not written by an adaptive-beta run; resume without the KL controller state")
         step = int(tensors["kl_control.budget_exceeded_step"].item())
         return cls(beta=float(tensors["kl_control.beta"].double().item()), budget_exceeded_step=None if step < 0 else step)
+def grad_norm_and_clip(params, max_norm: float) -> torch.Tensor:
+    """The total 2-norm of the gradients of ``params`` (one vector), measured every step, clipping or not; with
+    ``max_norm`` > 0 the gradients are then scaled to a norm of at most ``max_norm`` (torch's ``clip_grad_norm_``).
+    Returns the norm before clipping (a replicated DTensor under FSDP: read it with ``distributed.as_float``)."""
+    params = list(params)
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
+def learning_rate(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate of the optimizer's first parameter group (every recipe uses one rate), as logged."""
+    return float(optimizer.param_groups[0]["lr"])
+
+
+class ConstantRewardWarning(UserWarning):
+    """The reward gave no learning signal for several consecutive steps."""
+
+
+@dataclass
+class ConstantRewardWatch:
+    """Warns once (``warnings.warn``, never a print) when, for ``patience`` consecutive steps, every group of samples
+    had a zero-variance reward: ``frac_reward_zero_std`` = 1, the fraction of prompts whose samples all got the same
+    reward (TRL's GRPO metric of that name). Then every leave-one-out advantage of the reward is 0: only the KL term
+    moves the policy. Owned by the recipe's loop; not checkpointed (a resumed run counts again)."""
+
+    patience: int = 3
+    streak: int = 0
+    warned: bool = False
+
+    def update(self, step: int, frac_zero_std: float, *, what: str = "reward") -> None:
+        self.streak = self.streak + 1 if frac_zero_std >= 1.0 else 0
+        if self.streak >= self.patience and not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"step {step}: the {what} was the same for every sample of every prompt for {self.streak} consecutive steps "
+                "(frac_reward_zero_std = 1): it gives no learning signal. Check that the reward function varies with the "
+                "completion (a constant, a crash caught as 0, a threshold never reached)", ConstantRewardWarning, stacklevel=2)
+
+
+def frac_zero_std(grouped: torch.Tensor) -> float:
+    """The fraction of groups (rows of a (P, K) tensor) whose K values are all equal."""
+    return (grouped == grouped[:, :1]).all(-1).double().mean().item()

@@ -41,7 +41,8 @@ from tilt import distributed
 from tilt.math import importance
 from tilt.math.fdiv import DIVERGENCES, f_divergence_loss, importance_weights, log_density_ratio, pseudo_reward, weighted_leave_one_out_baseline
 from tilt.math.masking import masked_sum
-from tilt.recipes.common import build_optimizer, lr_factor, micro_batches, prompt_indices, set_lr, step_prompt_seeds
+from tilt.recipes.common import (ConstantRewardWatch, build_optimizer, frac_zero_std, grad_norm_and_clip, learning_rate, lr_factor,
+                                 micro_batches, prompt_indices, set_lr, step_prompt_seeds)
 from tilt.math.target import tilted_log_weight
 from tilt.recipes.kl_rl import score_tokens
 from tilt.rewards import score_rewards
@@ -198,9 +199,7 @@ def dpg_step(
             loss.backward()  # the one reduction: mean over the step's sequences (of all ranks)
         total_loss += loss.item()
     distributed.reduce_gradients(policy, params)  # sum over ranks; nothing in one process
-    grad_norm = 0.0
-    if config.max_grad_norm > 0:
-        grad_norm = distributed.as_float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+    grad_norm = distributed.as_float(grad_norm_and_clip(params, config.max_grad_norm))
     optimizer.step()
     (total_loss,) = distributed.all_sum([total_loss])
 
@@ -216,6 +215,8 @@ def dpg_step(
         "advantage_abs": adv_all.abs().mean().item(),
         "importance_weight_max": weights_all.max().item(),
         "grad_norm": grad_norm,
+        "learning_rate": learning_rate(optimizer),
+        "frac_reward_zero_std": frac_zero_std(rewards_all.view(-1, k)),
         "proposal_updates": float(state.proposal_updates),
     }
     if log_diagnostics:
@@ -274,6 +275,7 @@ def train(
     state = state or DPGState()
     if config.mode == "adaptive" and state.proposal is None:
         state.proposal = frozen_copy(policy)
+    watch = ConstantRewardWatch()
     for step in range(start_step, config.steps):
         set_lr(optimizer, config.lr * lr_factor(step, config.steps, config.lr_schedule, config.warmup_steps))
         step_prompts = [prompts[i] for i in prompt_indices(len(prompts), step, config.prompts_per_step, config.seed)]
@@ -285,6 +287,7 @@ def train(
             metrics.update(maybe_update_proposal(config, policy, state))
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"step {step}: the loss is {metrics['loss']}; lower the learning rate or check the target")
+        watch.update(step, metrics["frac_reward_zero_std"])
         if on_step is not None:
             on_step(step, metrics)
     return optimizer, state

@@ -23,6 +23,7 @@ updates do not depend on the number of processes. Every rank computes the refere
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -31,11 +32,12 @@ from torch import Tensor
 
 from tilt import distributed
 from tilt.math.masking import masked_sum
-from tilt.math.preference import dpo_margin, dpo_sigmoid_loss, ipo_loss
-from tilt.recipes.common import build_optimizer, micro_batches, prompt_indices
+from tilt.math.preference import dpo_margin, dpo_sigmoid_loss, implicit_reward, ipo_loss
+from tilt.recipes.common import build_optimizer, grad_norm_and_clip, learning_rate, micro_batches, prompt_indices
 from tilt.rollout import Policy, Rollout
 
 LOSSES = {"sigmoid": dpo_sigmoid_loss, "ipo": ipo_loss}
+PAIR_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class DPOConfig:
     lr: float = field(default=1e-6, metadata={"help": "learning rate; 1e-6 as in TRL's DPOConfig"})
     optimizer: str = field(default="adamw", metadata={"help": "adamw or sgd"})
     max_grad_norm: float = field(default=0.0, metadata={"help": "clip the gradient norm to this; 0 = no clipping"})
+    eval_every: int = field(default=0, metadata={"help": "with held-out pairs: evaluate them every this many steps and after the last (eval/* metrics); 0 = after the last only"})
     seed: int = field(default=0, metadata={"help": "seed of the pair order"})
 
     def __post_init__(self):
@@ -59,6 +62,8 @@ class DPOConfig:
             raise ValueError(f"loss_type must be 'sigmoid' or 'ipo', got {self.loss_type!r}")
         if self.epochs < 0 or self.pairs_per_step < 1 or self.micro_batch_size < 0:
             raise ValueError("epochs must be >= 0, pairs_per_step >= 1 and micro_batch_size >= 0")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0 = evaluate the held-out pairs after the last step only), got {self.eval_every}")
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,34 @@ def reference_logprobs(ref: Policy, pairs: PreferencePairs, micro_batch_size: in
 def num_steps(config: DPOConfig, num_pairs: int) -> int:
     """How many optimisation steps ``train`` takes on ``num_pairs`` pairs: ceil(epochs * pairs / pairs_per_step)."""
     return math.ceil(config.epochs * num_pairs / config.pairs_per_step)
+def pair_sums(lp_chosen: Tensor, lp_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, *, beta: float) -> dict[str, float]:
+    """Sums over the pairs (all (b,)) of TRL's per-pair DPO quantities: the implicit rewards r = beta * (log pi -
+    log pi_ref) of the chosen and rejected completions, their difference, whether the chosen one's is higher, and
+    the policy's sequence log-probs. Divide by the number of pairs for TRL's means."""
+    r_c = implicit_reward(lp_chosen, ref_chosen, beta=beta).detach().double()  # (b,)
+    r_r = implicit_reward(lp_rejected, ref_rejected, beta=beta).detach().double()
+    return {"rewards/chosen": r_c.sum().item(), "rewards/rejected": r_r.sum().item(), "rewards/margins": (r_c - r_r).sum().item(),
+            "rewards/accuracies": (r_c > r_r).double().sum().item(), "logps/chosen": lp_chosen.detach().double().sum().item(),
+            "logps/rejected": lp_rejected.detach().double().sum().item()}
+
+
+@torch.no_grad()
+def evaluate_pairs(config: DPOConfig, policy: Policy, pairs: PreferencePairs, ref_logprobs: tuple[Tensor, Tensor]) -> dict[str, float]:
+    """Held-out metrics: the mean over ``pairs`` of the loss, accuracy (h > 0) and :func:`pair_sums`' quantities,
+    each key prefixed ``eval/``. No gradient; micro-batched like training. Every process evaluates all the pairs."""
+    n = len(pairs)
+    sums: dict[str, float] = {}
+    for part in micro_batches(n, config.micro_batch_size):
+        chosen, rejected = pairs.chosen.take(part), pairs.rejected.take(part)
+        lp_c = masked_sum(policy.token_logprobs(chosen), chosen.completion_mask)  # (b,)
+        lp_r = masked_sum(policy.token_logprobs(rejected), rejected.completion_mask)
+        ref_c, ref_r = ref_logprobs[0][part], ref_logprobs[1][part]
+        values = {"loss": LOSSES[config.loss_type](lp_c, lp_r, ref_c, ref_r, beta=config.beta).double().sum().item(),
+                  "accuracy": (dpo_margin(lp_c, lp_r, ref_c, ref_r) > 0).double().sum().item(),
+                  **pair_sums(lp_c, lp_r, ref_c, ref_r, beta=config.beta)}
+        for key, value in values.items():
+            sums[key] = sums.get(key, 0.0) + value
+    return {f"eval/{key}": value / n for key, value in sums.items()}
 
 
 def train(
@@ -101,6 +134,8 @@ def train(
     pairs: PreferencePairs,
     *,
     ref_logprobs: tuple[Tensor, Tensor] | None = None,
+    eval_pairs: PreferencePairs | None = None,
+    eval_ref_logprobs: tuple[Tensor, Tensor] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     start_step: int = 0,
@@ -108,9 +143,13 @@ def train(
     """Train ``policy`` by DPO on ``pairs`` against ``ref`` (any policy; not necessarily the initial one).
 
     ``ref_logprobs`` = (chosen, rejected) reference log-probs, if already computed; otherwise computed once here.
-    ``on_step(step, metrics)`` gets loss, reward_margin (mean beta*h), accuracy (fraction with h > 0), over the
-    whole step (all ranks). ``start_step`` resumes a run: steps before it are skipped (the pair order is a pure
-    function of the step). Under several processes, ``pairs_per_step`` must be a multiple of the world size.
+    ``on_step(step, metrics)`` gets loss, reward_margin (mean beta*h), accuracy (fraction with h > 0), TRL's
+    ``rewards/*`` and ``logps/*`` means (:func:`pair_sums`), ``grad_norm`` (before clipping), ``learning_rate`` and
+    ``step_time`` (seconds), over the whole step (all ranks). ``eval_pairs`` (held out: never trained on), with their
+    reference log-probs ``eval_ref_logprobs`` (computed here if None), are evaluated every ``config.eval_every`` steps
+    and after the last step: :func:`evaluate_pairs`' ``eval/*`` keys join that step's metrics. ``start_step``
+    resumes a run: steps before it are skipped (the pair order is a pure function of the step). Under several
+    processes, ``pairs_per_step`` must be a multiple of the world size.
     """
     n = len(pairs)
     if n == 0:
@@ -123,12 +162,15 @@ def train(
     loss_fn = LOSSES[config.loss_type]
     steps = num_steps(config, n)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    if eval_pairs is not None and eval_ref_logprobs is None:
+        eval_ref_logprobs = reference_logprobs(ref, eval_pairs, config.micro_batch_size)
     for step in range(start_step, steps):
+        started = time.perf_counter()
         step_pairs = prompt_indices(n, step, config.pairs_per_step, config.seed)  # epochs of a seeded permutation
         n_step = len(step_pairs)  # pairs of the step over all ranks
         index = torch.tensor([step_pairs[p] for p in positions])  # this rank's shard (all of them in one process)
         optimizer.zero_grad(set_to_none=True)
-        totals = {"loss": 0.0, "reward_margin": 0.0, "accuracy": 0.0}
+        totals = {"loss": 0.0, "reward_margin": 0.0, "accuracy": 0.0, **dict.fromkeys(PAIR_KEYS, 0.0)}
         parts = micro_batches(len(index), config.micro_batch_size)
         for i, part in enumerate(parts):
             sub = index[part]
@@ -143,13 +185,17 @@ def train(
             totals["loss"] += loss.item()
             totals["reward_margin"] += config.beta * h.sum().item() / n_step
             totals["accuracy"] += (h > 0).to(torch.float64).sum().item() / n_step
+            for key, value in pair_sums(lp_c, lp_r, ref_chosen[sub], ref_rejected[sub], beta=config.beta).items():
+                totals[key] += value / n_step
         distributed.reduce_gradients(policy, params)  # sum over ranks; nothing in one process
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        grad_norm = distributed.as_float(grad_norm_and_clip(params, config.max_grad_norm))  # every step, clipped or not
         optimizer.step()
         totals = dict(zip(totals, distributed.all_sum(list(totals.values()))))
         if not math.isfinite(totals["loss"]):
             raise FloatingPointError(f"step {step}: the loss is {totals['loss']}; lower the learning rate")
+        totals.update(grad_norm=grad_norm, learning_rate=learning_rate(optimizer), step_time=time.perf_counter() - started)
+        if eval_pairs is not None and (step + 1 == steps or (config.eval_every and (step + 1) % config.eval_every == 0)):
+            totals.update(evaluate_pairs(config, policy, eval_pairs, eval_ref_logprobs))
         if on_step is not None:
             on_step(step, totals)
     return optimizer

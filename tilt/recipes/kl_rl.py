@@ -44,7 +44,8 @@ from tilt.math.kl import KL_ESTIMATORS, sequence_kl, token_kl
 from tilt.math.masking import masked_sum
 from tilt.math.pg import kl_shaped_reward, leave_one_out_advantage, ppo_clip_loss, reinforce_loss
 from tilt.math.kl_control import adaptive_kl_beta
-from tilt.recipes.common import KLControlState, build_optimizer, lr_factor, micro_batches, prompt_indices, set_lr, step_prompt_seeds
+from tilt.recipes.common import (ConstantRewardWatch, KLControlState, build_optimizer, frac_zero_std, grad_norm_and_clip, learning_rate,
+                                 lr_factor, micro_batches, prompt_indices, set_lr, step_prompt_seeds)
 from tilt.rewards import RewardFn, score_rollout
 from tilt.rollout import Policy, Rollout
 
@@ -169,9 +170,8 @@ def kl_rl_step(
             totals["loss"] += loss.item() / config.ppo_epochs
             totals["clip_fraction"] += clipped.item() / n_seq / config.ppo_epochs
         distributed.reduce_gradients(policy, params)  # sum over ranks; nothing in one process
-        if config.max_grad_norm > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            totals["grad_norm"] += distributed.as_float(norm) / config.ppo_epochs
+        norm = grad_norm_and_clip(params, config.max_grad_norm)  # measured every step, clipped when asked
+        totals["grad_norm"] += distributed.as_float(norm) / config.ppo_epochs
         optimizer.step()
     totals["loss"], totals["clip_fraction"] = distributed.all_sum([totals["loss"], totals["clip_fraction"]])
 
@@ -197,6 +197,8 @@ def kl_rl_step(
         "advantage_abs": advantages.abs().mean().item(),
         "completion_length": lengths.float().mean().item(),
         "truncated_fraction": truncated.float().mean().item(),
+        "frac_reward_zero_std": frac_zero_std(rewards.view(-1, k)),
+        "learning_rate": learning_rate(optimizer),
         **totals,
         **posterior,
     }
@@ -245,6 +247,7 @@ def train(
         if config.kl_target > 0 and start_step > 0:
             raise ValueError("resuming an adaptive-beta run (kl_target > 0) needs the KLControlState saved with its checkpoint: pass kl_state")
         kl_state = KLControlState(beta=config.beta)
+    watch = ConstantRewardWatch()
     for step in range(start_step, config.steps):
         set_lr(optimizer, config.lr * lr_factor(step, config.steps, config.lr_schedule, config.warmup_steps))
         step_prompts = prompt_indices(len(prompts), step, config.prompts_per_step, config.seed)  # global list
@@ -262,6 +265,7 @@ def train(
             metrics["kl_budget_exceeded"] = float(over)
         if over:
             kl_state.budget_exceeded_step = step
+        watch.update(step, metrics["frac_reward_zero_std"])
         if on_step is not None:
             on_step(step, metrics)
         if over:

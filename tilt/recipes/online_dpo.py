@@ -55,7 +55,8 @@ from tilt.math import importance
 from tilt.math.masking import masked_sum
 from tilt.math.preference import dpo_sigmoid_loss, implicit_reward, ipo_loss, xpo_bonus
 from tilt.preferences import TIE, BradleyTerry, PreferenceOracle
-from tilt.recipes.common import build_optimizer, derive_seed, prompt_indices, step_generator, step_prompt_seeds
+from tilt.recipes.common import (ConstantRewardWatch, build_optimizer, derive_seed, grad_norm_and_clip, learning_rate, prompt_indices,
+                                 step_generator, step_prompt_seeds)
 from tilt.rollout import Policy, Rollout
 
 SCHEMES = ("online-dpo", "pairs", "xpo")
@@ -181,6 +182,13 @@ def pair_losses(config: OnlineDPOConfig, policy: Policy, pairs: LabelledPairs, *
             "rejected_reward": implicit_reward(rejected, ref_rejected, beta=beta),
             "decided": decided.to(torch.float64),
         }
+        # TRL's keys, over the decided pairs only (NaN on ties, which nansum skips)
+        nan = torch.full_like(parts["chosen_reward"], float("nan"))
+        trl = {"rewards/chosen": parts["chosen_reward"], "rewards/rejected": parts["rejected_reward"],
+               "rewards/margins": parts["chosen_reward"] - parts["rejected_reward"],
+               "rewards/accuracies": (parts["chosen_reward"] > parts["rejected_reward"]).to(nan.dtype),
+               "logps/chosen": chosen.detach().to(nan.dtype), "logps/rejected": rejected.detach().to(nan.dtype)}
+        parts.update({key: torch.where(decided, value, nan) for key, value in trl.items()})
     return preference + bonus, parts
 
 
@@ -203,8 +211,7 @@ def refit(config: OnlineDPOConfig, policy: Policy, data: Sequence[LabelledPairs]
         for key, value in parts.items():
             sums[key] = sums.get(key, 0.0) + value.nansum().item()
     distributed.reduce_gradients(policy, params)  # sum over ranks; nothing in one process
-    if config.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    grad_norm = distributed.as_float(grad_norm_and_clip(params, config.max_grad_norm))
     optimizer.step()
     sums = dict(zip(sums, distributed.all_sum(list(sums.values()))))
     decided = max(sums["decided"], 1.0)
@@ -213,6 +220,9 @@ def refit(config: OnlineDPOConfig, policy: Policy, data: Sequence[LabelledPairs]
         "preference_loss": sums["preference_loss"] / decided,
         "bonus": sums["bonus"] / n,
         "reward_margin": (sums["chosen_reward"] - sums["rejected_reward"]) / n,
+        **{key: sums[key] / decided for key in sums if "/" in key},
+        "grad_norm": float(grad_norm),
+        "learning_rate": learning_rate(optimizer),
     }, parts["ref_sample_logprob"]
 
 
@@ -300,6 +310,7 @@ def train(
     optimizer = optimizer or build_optimizer(config.optimizer, policy.parameters(), config.lr)
     distributed.check_same_config({"recipe": "online_dpo", **asdict(config), "prompts": distributed.config_hash(list(prompts))})
     positions = distributed.shard_positions(config.prompts_per_step)  # range(prompts_per_step) in one process
+    watch = ConstantRewardWatch()
     for step in range(start_step, config.steps):
         alpha, beta = scheduled(config.alpha, step), scheduled(config.beta, step)
         step_prompts = prompt_indices(len(prompts), step, config.prompts_per_step, config.seed)  # global, all ranks
@@ -327,6 +338,10 @@ def train(
             tie_fraction=(labels == TIE).to(torch.float64).mean().item(),
             kl_ref=kl_ref_estimate(pairs),
         )
+        # no learning signal in a pair: equal latent rewards (Bradley-Terry), else a tie of the oracle
+        no_signal = distributed.all_gather_cat(pairs.rewards_a == pairs.rewards_b)[0] if pairs.rewards_a is not None else (labels == TIE)
+        metrics["frac_reward_zero_std"] = no_signal.to(torch.float64).mean().item()
+        watch.update(step, metrics["frac_reward_zero_std"], what="oracle's reward")
         if isinstance(oracle, BradleyTerry):
             metrics.update(target_diagnostics(pairs, scale=oracle.scale, beta=beta, ref_sample_logprob=fresh_ref_sample_logprob))
         if on_step is not None:

@@ -27,7 +27,7 @@ import torch
 from tilt import distributed
 from tilt.math.preference import bradley_terry_loss
 from tilt.math.winrate import win_probability
-from tilt.recipes.common import build_optimizer, lr_factor, prompt_indices, set_lr
+from tilt.recipes.common import build_optimizer, grad_norm_and_clip, learning_rate, lr_factor, prompt_indices, set_lr
 from tilt.reward_fns import SequenceClassifierReward
 
 
@@ -98,12 +98,14 @@ def train(
         with distributed.accumulate(reward.model, sync=True):
             loss.backward()
         distributed.reduce_gradients(reward.model, params)  # sum over ranks; nothing in one process
+        grad_norm = distributed.as_float(grad_norm_and_clip(params, 0.0))  # measured, never clipped
         optimizer.step()
         margin = (rc - rr).detach()
         wins = win_probability(margin.double(), torch.zeros(())).sum().item()  # a tie counts one half
         total_loss, wins, margin_sum = distributed.all_sum([loss.item(), wins, margin.sum().item()])  # every rank joins
         if on_step is not None:
-            on_step(step, {"loss": total_loss, "accuracy": wins / len(step_pairs), "margin": margin_sum / len(step_pairs)})
+            on_step(step, {"loss": total_loss, "accuracy": wins / len(step_pairs), "margin": margin_sum / len(step_pairs),
+                           "grad_norm": grad_norm, "learning_rate": learning_rate(optimizer)})
     reward.model.eval()
     return optimizer
 

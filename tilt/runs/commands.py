@@ -181,8 +181,11 @@ def train_dpo(config: dict, secs: dict, run_dir: Path, *, resume: bool, signals:
     checkpoint, start = runs.prepare_resume(run_dir) if resume else (None, 0)
     policy, ref, tokenizer = load_policy_and_ref(run, lora, None, checkpoint)
     data = load_data(run.preferences, secs["data"], tokenizer=tokenizer)
-    pairs = preference_pairs(policy, data.rows)
+    train_rows, eval_rows = split_pairs(data.rows, secs["eval"].held_out, cfg.seed) if secs["eval"].held_out > 0 else (data.rows, [])
+    pairs = preference_pairs(policy, train_rows)
+    eval_pairs = preference_pairs(policy, eval_rows) if eval_rows else None
     ref_logprobs = dpo.reference_logprobs(ref, pairs, cfg.micro_batch_size)  # once, reused by every step
+    eval_ref_logprobs = dpo.reference_logprobs(ref, eval_pairs, cfg.micro_batch_size) if eval_pairs is not None else None
     before = None
     if not resume:
         margin, accuracy = pair_margins(policy, pairs, ref_logprobs, cfg.beta, cfg.micro_batch_size)
@@ -194,14 +197,15 @@ def train_dpo(config: dict, secs: dict, run_dir: Path, *, resume: bool, signals:
     loop = RunLoop("dpo", out, steps=steps, start=start, signals=signals, tracker=runs.open_tracker(run.tracker, out, config),
                    save=_save_fn(out, lambda: policy.model, tokenizer, optimizer, run.keep_checkpoints, lambda: {"recipe": "dpo"}),
                    checkpoint_every=run.checkpoint_every, shown=("loss", "reward_margin", "accuracy"), resume_flags=resume_flags)
-    code = loop.run(lambda on_step: dpo.train(cfg, policy, policy, pairs, ref_logprobs=ref_logprobs, optimizer=optimizer,
-                                              start_step=start, on_step=on_step))
+    code = loop.run(lambda on_step: dpo.train(cfg, policy, policy, pairs, ref_logprobs=ref_logprobs, eval_pairs=eval_pairs,
+                                              eval_ref_logprobs=eval_ref_logprobs, optimizer=optimizer, start_step=start,
+                                              on_step=on_step))
     if code is not None:
         return code
     final = runs.save_final(out, final_model(policy.model), tokenizer)
     margin_after, accuracy_after = pair_margins(policy, pairs, ref_logprobs, cfg.beta, cfg.micro_batch_size)
     before = _before(out)
-    summary = {"pairs": len(pairs), "steps": steps, "reward_margin_before": before.get("reward_margin_before"),
+    summary = {"pairs": len(pairs), "held_out_pairs": len(eval_rows), "steps": steps, "reward_margin_before": before.get("reward_margin_before"),
                "reward_margin_after": margin_after, "accuracy_before": before.get("accuracy_before"),
                "accuracy_after": accuracy_after}
     runs.write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")

@@ -130,7 +130,8 @@ class FinalEvalConfig:
 
 @dataclass(frozen=True)
 class HeldOutConfig:
-    """The reward model's held-out pairs and its scoring length."""
+    """Held-out preference pairs (the reward model's and DPO's; DPO evaluates them every ``dpo.eval_every`` steps and
+    at the end as ``eval/*`` metrics) and the reward model's scoring length."""
 
     held_out: float = field(default=0.1, metadata={"help": "share of the pairs kept out of training to measure accuracy (a seeded split); 0 = none"})
     max_length: int | None = field(default=None, metadata={"help": "token limit of prompt + completion (cut from the left); None = no limit"})
@@ -163,7 +164,8 @@ DEMO_OWN = ("model", "demonstrations", "reward", "prompts", "checkpoint_every", 
 COMMANDS: dict[str, tuple[Section, ...]] = {
     "kl-rl": (RUN, Section("kl_rl", "tilt.recipes.kl_rl:KLRLConfig"), SAMPLING, DATA,
               Section("calibration", "tilt.infalign:CalibrationConfig"), LORA),
-    "dpo": (RUN, Section("dpo", "tilt.recipes.dpo:DPOConfig"), DATA, LORA),
+    "dpo": (RUN, Section("dpo", "tilt.recipes.dpo:DPOConfig"), DATA,
+            Section("eval", "tilt.runs.config:HeldOutConfig", skip=("max_length",), defaults=(("held_out", 0.0),)), LORA),
     "online-dpo": (RUN, Section("online_dpo", "tilt.recipes.online_dpo:OnlineDPOConfig",
                                 defaults=(("scheme", "online-dpo"), ("alpha", 0.0))),
                    Section("labels", "tilt.runs.config:OracleConfig"), SAMPLING, DATA,
