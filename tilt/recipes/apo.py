@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from tilt import distributed
 from tilt.infalign import CalibrationSet, build_calibration, distinct_prompts
 from tilt.math.bon_target import regression_loss, soft_value
 from tilt.math.masking import masked_sum
@@ -65,8 +66,8 @@ class APOConfig:
     def __post_init__(self):
         if not self.beta > 0 or not self.value_beta > 0:
             raise ValueError(f"beta and value_beta must be > 0, got {self.beta} and {self.value_beta}")
-        if self.value_samples < 1:
-            raise ValueError(f"value_samples must be >= 1, got {self.value_samples}")
+        if self.value_samples < 1 or self.samples_per_prompt < 1:
+            raise ValueError(f"value_samples and samples_per_prompt must be >= 1, got {self.value_samples} and {self.samples_per_prompt}")
         check_schedule(self)
 
 
@@ -80,6 +81,14 @@ def check_schedule(config) -> None:
         raise ValueError("micro_batch_size (0 = whole step) and max_grad_norm (0 = no clipping) must be >= 0")
     if config.optimizer not in ("adamw", "sgd"):
         raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {config.optimizer!r}")
+
+
+def require_one_process(recipe: str) -> None:
+    """These recipes do not shard a step across processes: stop under ``torchrun`` with several ranks, before any
+    rank trains alone on the whole batch."""
+    if distributed.world_size() > 1:
+        raise RuntimeError(f"{recipe} runs in one process (it does not shard steps across ranks); launch it without torchrun "
+                           "or with --nproc_per_node 1")
 
 
 def step_batch(config, optimizer: torch.optim.Optimizer, prompts: Sequence[Any], step: int) -> tuple[list, list[int]]:
@@ -176,7 +185,9 @@ def train(
     KL(pi || pi_ref) on the step's own samples). Returns the optimizer."""
     if len(prompts) == 0:
         raise ValueError("no prompts to train on")
-    values = values or estimate_values(config, ref, reward_fn, prompts)
+    require_one_process("A*-PO")
+    if values is None:
+        values = estimate_values(config, ref, reward_fn, prompts)
     optimizer = optimizer or build_optimizer(config.optimizer, policy.parameters(), config.lr)
     for step in range(start_step, config.steps):
         batch, seeds = step_batch(config, optimizer, prompts, step)

@@ -30,7 +30,7 @@ import torch
 from tilt.math.bon_target import bonbon_ipo_beta, bonbon_loss
 from tilt.math.infalign import best_of_n_index, worst_of_n_index
 from tilt.math.masking import masked_sum
-from tilt.recipes.apo import check_schedule, step_batch
+from tilt.recipes.apo import check_schedule, require_one_process, step_batch
 from tilt.recipes.common import build_optimizer, micro_batches
 from tilt.recipes.kl_rl import score_tokens
 from tilt.rewards import RewardFn, score_rewards
@@ -130,6 +130,7 @@ def train(
     ``on_step(step, metrics)`` is called after each step (metrics: docs/bon_distillation.md). Returns the optimizer."""
     if len(prompts) == 0:
         raise ValueError("no prompts to train on")
+    require_one_process("BoNBoN")
     optimizer = optimizer or build_optimizer(config.optimizer, policy.parameters(), config.lr)
     for step in range(start_step, config.steps):
         batch, seeds = step_batch(config, optimizer, prompts, step)

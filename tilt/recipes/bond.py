@@ -38,7 +38,7 @@ from tilt.math.bc import bc_loss
 from tilt.math.infalign import best_of_n_index
 from tilt.math.masking import masked_sum
 from tilt.math.pg import kl_shaped_reward, leave_one_out_advantage, reinforce_loss
-from tilt.recipes.apo import check_schedule, step_batch
+from tilt.recipes.apo import check_schedule, require_one_process, step_batch
 from tilt.recipes.common import build_optimizer, derive_seed
 from tilt.recipes.kl_rl import score_tokens
 from tilt.rewards import RewardFn, score_rewards
@@ -143,6 +143,7 @@ def train(
     Returns the optimizer."""
     if len(prompts) == 0:
         raise ValueError("no prompts to train on")
+    require_one_process("BOND")
     if cdf is None:
         if config.jeffreys_weight > 0:
             calibration = build_calibration(ref, reward_fn, distinct_prompts(prompts), config.calibration_samples, seed=config.calibration_seed)

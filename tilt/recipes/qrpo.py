@@ -32,7 +32,7 @@ import torch
 from tilt.bon_target import CDF, SampleCDF
 from tilt.infalign import build_calibration, distinct_prompts
 from tilt.math.bon_target import quantile_log_normaliser, quantile_reward
-from tilt.recipes.apo import check_schedule, step_batch, regression_step
+from tilt.recipes.apo import check_schedule, regression_step, require_one_process, step_batch
 from tilt.recipes.common import build_optimizer
 from tilt.rewards import RewardFn, score_rewards
 from tilt.rollout import Policy
@@ -101,7 +101,9 @@ def train(
     plus ``quantile`` (mean R of the step's completions) and ``log_z``. Returns the optimizer."""
     if len(prompts) == 0:
         raise ValueError("no prompts to train on")
-    cdf = cdf or build_cdf(config, ref, reward_fn, prompts)
+    require_one_process("QRPO")
+    if cdf is None:
+        cdf = build_cdf(config, ref, reward_fn, prompts)
     log_z = quantile_log_normaliser(config.beta)
     sampler = ref if config.sampling == "reference" else policy
     optimizer = optimizer or build_optimizer(config.optimizer, policy.parameters(), config.lr)
