@@ -8,9 +8,10 @@ import torch
 
 from tilt.engine.hf import HFPolicy, SamplingConfig
 from tilt.engine.tiny import char_tokenizer, tiny_gpt2
-from tilt.lab.bon_distill import ExactCDF, distance_report, quantile_target_log_probs
+from tilt.lab.bon_distill import ExactCDF, quantile_target_log_probs, run_regression_lab
 from tilt.lab.tabular import random_tabular_policy
 from tilt.lab.world import TableReward, reward_table
+from tilt.math import exact
 from tilt.math.bon_target import (
     cdf_bounds,
     quantile_log_normaliser,
@@ -20,7 +21,6 @@ from tilt.math.bon_target import (
     soft_value,
 )
 from tilt.recipes import apo, qrpo
-from tilt.target import TiltedTarget
 
 
 def test_regression_loss_by_hand_and_zero_at_the_posterior():
@@ -89,30 +89,17 @@ def world():
 def test_apo_with_exact_values_reaches_the_posterior():
     """A*-PO with beta_1 = beta_2 and the exact V*(x) = beta log Z(x): KL to pi* below 1e-6 (the per-sample gradient
     vanishes at pi*, so Adam converges to it with no noise floor)."""
-    ref, table, reward = world()
-    target = TiltedTarget(ref, reward, BETA).exact(ref.enumerate())
-    values = lambda prompts: BETA * target.log_z[torch.as_tensor(list(prompts))]  # noqa: E731
-    policy = ref.copy()
-    cfg = apo.APOConfig(beta=BETA, value_beta=BETA, steps=300, prompts_per_step=2, samples_per_prompt=16, lr=0.05)
-    history = []
-    apo.train(cfg, policy, ref, reward, [0, 1], values=values, on_step=lambda s, m: history.append(m))
-    report = distance_report(policy, target.log_probs, ref, table)
+    report = run_regression_lab("apo", beta=BETA, seed=1)
     assert report["kl_target_policy"] < 1e-6 and report["kl_policy_target"] < 1e-6, report
-    assert history[-1]["residual_abs"] < 1e-3 < history[0]["residual_abs"]
+    assert report["residual_abs_last"] < 1e-3 < report["residual_abs_first"]
 
 
 @pytest.mark.slow
 def test_apo_with_sampled_values_stops_short_of_the_posterior():
     """V* from m = 8 reference samples (stage 1) is biased, so the fixed point is near pi* but not at it: the exact KL
     is far above the exact-V* run's 1e-6 and well below the reference's."""
-    ref, table, reward = world()
-    target = TiltedTarget(ref, reward, BETA).exact(ref.enumerate())
-    policy = ref.copy()
-    cfg = apo.APOConfig(beta=BETA, value_beta=BETA, steps=300, prompts_per_step=2, samples_per_prompt=16, lr=0.05)
-    apo.train(cfg, policy, ref, reward, [0, 1])
-    report = distance_report(policy, target.log_probs, ref, table)
-    start = distance_report(ref, target.log_probs, ref, table)["kl_target_policy"]
-    assert 1e-5 < report["kl_target_policy"] < 0.5 * start, (report, start)
+    report = run_regression_lab("apo", beta=BETA, seed=1, value_samples=8)
+    assert 1e-5 < report["kl_target_policy"] < 0.5 * report["start_kl_target_policy"], report
 
 
 @pytest.mark.slow
@@ -121,14 +108,11 @@ def test_qrpo_reaches_the_quantile_posterior(sampling):
     """QRPO with the exact CDF of a world with tied rewards: log Z is the closed form, and training reaches
     pi* ∝ pi_ref exp(R/beta) to 1e-6 in KL, from reference (offline) or policy samples."""
     ref = random_tabular_policy(3, 2, 2, seed=3)
-    table = (reward_table("random", 3, 2, 2, reward_seed=4) * 3).floor()  # ties
-    reward = TableReward(table, 3, 2)
+    table = (reward_table("random", 3, 2, 2, reward_seed=4) * 3).floor()  # the run's world: ties
     target = quantile_target_log_probs(ref, table, BETA)
     assert torch.allclose(target.exp().sum(-1), torch.ones(2, dtype=torch.float64), atol=1e-12)  # the closed-form Z normalises
-    policy = ref.copy()
-    cfg = qrpo.QRPOConfig(beta=BETA, sampling=sampling, steps=300, prompts_per_step=2, samples_per_prompt=16, lr=0.05)
-    qrpo.train(cfg, policy, ref, reward, [0, 1], cdf=ExactCDF(ref, table))
-    report = distance_report(policy, target, ref, table)
+    report = run_regression_lab("qrpo", beta=BETA, seed=3, levels=3, sampling=sampling)
+    assert report["target_kl_ref"] == pytest.approx(exact.kl(target, ref.support_logprobs().detach()).item(), abs=1e-12)
     assert report["kl_target_policy"] < 1e-6 and report["kl_policy_target"] < 1e-6, report
 
 
@@ -179,3 +163,14 @@ def test_runs_on_a_tiny_hf_model(recipe, cfg):
     recipe.train(cfg, policy, ref, share_of_a, PROMPTS, on_step=lambda s, m: history.append(m))
     assert len(history) == 2 and all(math.isfinite(v) for m in history for v in m.values())
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+
+
+def test_lab_command_json(capsys):
+    import json
+
+    from tilt.cli import main
+
+    assert main(["lab", "regress", "--method", "qrpo", "--levels", "3", "--steps", "3", "--batch", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kl_target_policy"] < out["start_kl_target_policy"]
+    assert out["residual_abs_last"] < out["residual_abs_first"]

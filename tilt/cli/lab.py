@@ -69,12 +69,13 @@ def add_parser(sub) -> None:
     add_training_options(p)
     p.set_defaults(run=run_kl_rl_command, pure=True)
 
-    from tilt.cli import demo_reg, infalign, inference, preference  # here, not at the top: they import this module
+    from tilt.cli import bon_lab, demo_reg, infalign, inference, preference  # here, not at the top: they import this module
 
     inference.add_lab_parsers(lab_sub)
     demo_reg.add_lab_parsers(lab_sub)
     infalign.add_lab_parsers(lab_sub)
     preference.add_lab_parsers(lab_sub)
+    bon_lab.add_lab_parsers(lab_sub)
 
 
 def run_kl_rl_lab(
