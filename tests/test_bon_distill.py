@@ -300,3 +300,7 @@ def test_lab_command_json(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["lab", "bon-distill", "--method", "nope"])
     assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    from tilt.cli import bon_lab
+    from tilt.lab import bon_distill
+
+    assert bon_lab.DISTILL_METHODS == bon_distill.DISTILL_METHODS and bon_lab.REGRESSION_METHODS == bon_distill.REGRESSION_METHODS

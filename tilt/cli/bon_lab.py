@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from tilt.cli.output import print_json, table
-from tilt.lab.bon_distill import DISTILL_METHODS, REGRESSION_METHODS, run_bon_distill_lab, run_regression_lab
+
+DISTILL_METHODS = ("vbon", "dpg", "bond", "bonbon")
+REGRESSION_METHODS = ("apo", "qrpo")
+"""The methods of ``tilt.lab.bon_distill`` (written out here so that ``--help`` imports no torch; a test keeps them equal)."""
 
 
 def add_lab_parsers(lab_sub) -> None:
@@ -56,6 +57,10 @@ def _print(report: dict, title: str, target: str) -> None:
 
 
 def run_bon_distill_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from tilt.lab.bon_distill import run_bon_distill_lab
+
     torch.set_num_threads(1)
     report = run_bon_distill_lab(args.method, responses=args.responses, levels=args.levels, n=args.n, steps=args.steps, batch=args.batch,
                                  lr=args.lr, seed=args.seed, jeffreys_weight=args.jeffreys_weight, alpha=args.alpha)
@@ -69,6 +74,10 @@ def run_bon_distill_command(args: argparse.Namespace) -> int:
 
 
 def run_regress_command(args: argparse.Namespace) -> int:
+    import torch
+
+    from tilt.lab.bon_distill import run_regression_lab
+
     torch.set_num_threads(1)
     report = run_regression_lab(args.method, vocab=args.vocab, length=args.length, contexts=args.contexts, levels=args.levels, beta=args.beta,
                                 steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, sampling=args.sampling,
