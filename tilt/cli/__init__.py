@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tilt.cli import data, demo, evaluate, infalign, lab, report, train
+from tilt.cli import data, demo, evaluate, frontier, infalign, lab, report, train
 from tilt.cli.output import run_parsed
 
 
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     infalign.add_parser(sub)
     data.add_parser(sub)
     demo.add_parser(sub)
+    frontier.add_parser(sub)
     return parser
 
 
