@@ -188,3 +188,42 @@ def test_frontier_command_from_rewards_and_eval_efficiency(small_frontier, tmp_p
     new = Frontier.load(tmp_path / "new.json")
     assert new.data["ref_rewards"] == f.data["ref_rewards"] and (tmp_path / "new.png").exists()
     assert new.data["curves"]["tilt_calibrated"]["win_rate"] == f.data["curves"]["tilt_calibrated"]["win_rate"]
+
+
+@pytest.mark.slow
+def test_benchmark_runs_a_method_resumably_and_reads_off_kl(tmp_path, capsys):
+    from tilt.engine.hf import HFPolicy, SamplingConfig
+    from tilt.engine.tiny import char_tokenizer, tiny_gpt2
+    from tilt.frontier import draw_reference_rewards
+
+    spec = importlib.util.spec_from_file_location("bench_frontier", ROOT / "benchmarks" / "frontier.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tok = char_tokenizer("abcdefghijklmnopqrstuvwxyz ,.;:'")
+    model = tiny_gpt2(len(tok), n_layer=1, n_embd=16, n_head=1, seed=0)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "rw.py").write_text("def count_e(prompts, completions, **k):\n    return [float(c.count('e')) for c in completions]\n")
+    from tilt.reward_fns import import_reward
+
+    reward = import_reward(f"{tmp_path / 'rw.py'}:count_e")
+    prompts = ["the movie was", "i opened the box"]
+    rewards = draw_reference_rewards(HFPolicy(model, tok, SamplingConfig(max_new_tokens=6)), prompts, 8, reward, seed=0)
+    frontier_from_rewards(rewards, FrontierConfig(num_resamples=20), meta={"max_new_tokens": 6}, prompts=prompts).save(tmp_path / "f.json")
+    argv = ["--method", "kl-rl", "--frontier", str(tmp_path / "f.json"), "--out", str(tmp_path / "runs"), "--model", str(tmp_path / "m"),
+            "--reward", f"{tmp_path / 'rw.py'}:count_e", "--steps", "4", "--eval-every", "2", "--eval-samples", "2",
+            "--prompts-per-step", "2", "--samples-per-prompt", "2", "--lr", "1e-2"]
+    assert bench.main(argv) == 0
+    rec = json.loads((tmp_path / "runs" / "kl-rl.json").read_text())
+    assert rec["done"] and [e["step"] for e in rec["evals"]] == [0, 2, 4]
+    assert rec["evals"][0]["kl_ref"] == 0.0 and rec["evals"][-1]["kl_ref"] > 0
+    capsys.readouterr()
+    assert bench.main(argv) == 0 and "already done" in capsys.readouterr().out
+    # read-off: linear between the two evaluations that bracket the KL
+    f = Frontier.load(tmp_path / "f.json")
+    evals = [{"step": 0, "seconds": 0.0, "kl_ref": 0.0, "win_rate": 0.5, "win_rate_ci": [0.4, 0.6], "reward_mean": 0.0, "reward_mean_ci": [0, 0]},
+             {"step": 10, "seconds": 10.0, "kl_ref": 1.0, "win_rate": 0.7, "win_rate_ci": [0.6, 0.8], "reward_mean": 1.0, "reward_mean_ci": [0, 2]}]
+    r = bench.read_off(evals, 0.5, f)
+    assert r["win_rate"] == pytest.approx(0.6) and r["step"] == pytest.approx(5) and r["win_rate_ci"] == pytest.approx([0.5, 0.7])
+    assert r["efficiency"] == pytest.approx(0.1 / (f.wr_star(0.5) - 0.5))
+    assert bench.read_off(evals, 2.0, f) is None
