@@ -179,8 +179,55 @@ def run_method(args, frontier, policy, ref, reward_fn, train_prompts, on_step) -
         config = bc.BCConfig(steps=args.steps, sequences_per_step=args.prompts_per_step * args.samples_per_prompt, lr=lr, seed=args.seed)
         bc.train(config, policy, demos, on_step=hook)
         return {"steps": args.steps, "lr": lr, "best_of": args.best_of, "demos": len(train_prompts)}
-    raise SystemExit(f"{args.method} runs TRL's trainer in the benchmark venv (.venv-bench, `make bench`); "
-                     "it is not wired in this script yet")
+    return run_trl(args, policy, reward_fn, train_prompts, on_step, lr, beta)
+
+
+def run_trl(args, policy, reward_fn, train_prompts, on_step, lr: float, beta: float) -> dict:
+    """TRL's RLOOTrainer or GRPOTrainer with its documented defaults except the batch, length and steps, which match
+    the tilt runs (prompts_per_step x samples_per_prompt completions per step, sampled at temperature 1 without top-k
+    or top-p so that the samples are the policy's own). Evaluated through a callback that points the benchmark's
+    ``policy`` at the trainer's model. Needs the benchmark venv (``make bench``)."""
+    import tempfile
+
+    try:
+        from datasets import Dataset
+        from transformers import TrainerCallback
+        import trl
+    except ImportError:
+        raise SystemExit(f"{args.method} needs TRL: run this script with the benchmark venv's python (make bench builds .venv-bench)") from None
+    if args.method == "trl-rloo":
+        from trl import RLOOConfig as Config, RLOOTrainer as Trainer
+    else:
+        from trl import GRPOConfig as Config, GRPOTrainer as Trainer
+    model_path = args.model
+    if args.model == "embedded":  # TRL rebuilds the reference from a path: hand it the converted folder
+        from tilt.engine.embedded import ensure_embedded_model
+
+        model_path = str(ensure_embedded_model())
+
+    class Evaluate(TrainerCallback):
+        def on_step_end(self, targs, state, control, model=None, **kw):
+            policy.model = model
+            was_training = model.training
+            model.eval()
+            try:
+                on_step(state.global_step, {})
+            finally:
+                model.train(was_training)
+
+    def reward(completions, prompts=None, **kwargs):
+        return [float(x) for x in reward_fn(prompts, completions)]
+
+    with tempfile.TemporaryDirectory() as out:
+        config = Config(output_dir=out, per_device_train_batch_size=args.prompts_per_step * args.samples_per_prompt,
+                        num_generations=args.samples_per_prompt, max_completion_length=policy.sampling.max_new_tokens,
+                        learning_rate=lr, beta=beta, max_steps=args.steps, logging_steps=1, save_strategy="no", report_to=[],
+                        use_cpu=True, seed=args.seed, disable_tqdm=True, dataloader_num_workers=0, temperature=1.0, top_p=1.0, top_k=0)
+        trainer = Trainer(model=model_path, reward_funcs=reward, args=config, train_dataset=Dataset.from_dict({"prompt": list(train_prompts)}),
+                          callbacks=[Evaluate()])
+        trainer.train()
+    return {"trl_version": trl.__version__, "lr": lr, "beta": beta, "steps": args.steps,
+            "per_device_train_batch_size": args.prompts_per_step * args.samples_per_prompt, "num_generations": args.samples_per_prompt}
 
 
 def run(args) -> int:
