@@ -227,3 +227,35 @@ def test_benchmark_runs_a_method_resumably_and_reads_off_kl(tmp_path, capsys):
     assert r["win_rate"] == pytest.approx(0.6) and r["step"] == pytest.approx(5) and r["win_rate_ci"] == pytest.approx([0.5, 0.7])
     assert r["efficiency"] == pytest.approx(0.1 / (f.wr_star(0.5) - 0.5))
     assert bench.read_off(evals, 2.0, f) is None
+
+
+@pytest.mark.slow
+def test_eval_reports_efficiency_against_a_frontier(tmp_path, capsys):
+    from test_evaluate import PROMPTS, T, count_a, unigram_gpt2
+
+    from tilt.cli import evaluate as eval_cli
+    from tilt.engine.hf import HFPolicy, SamplingConfig
+    from tilt.frontier import draw_reference_rewards
+
+    for name, logits in {"flat": [-3.0, 0.0, -3.0, 0.0, 0.0], "likes_a": [-3.0, 0.0, -3.0, 1.5, 0.0]}.items():
+        model, tok = unigram_gpt2(logits)
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    (tmp_path / "rw.py").write_text("def count_a(prompts, completions, **k):\n    return [c.count('a') for c in completions]\n")
+    model, tok = unigram_gpt2([-3.0, 0.0, -3.0, 0.0, 0.0])
+    rewards = draw_reference_rewards(HFPolicy(model, tok, SamplingConfig(max_new_tokens=T)), PROMPTS, 64, count_a, seed=0)
+    frontier_from_rewards(rewards, FrontierConfig(num_resamples=50), prompts=PROMPTS).save(tmp_path / "f.json")
+    parser = argparse.ArgumentParser(prog="tilt")
+    eval_cli.add_parser(parser.add_subparsers(required=True))
+    args = parser.parse_args(["eval", "--model", str(tmp_path / "likes_a"), "--ref", str(tmp_path / "flat"), "--prompts",
+                              str(tmp_path / "prompts.jsonl"), "--reward", f"{tmp_path / 'rw.py'}:count_a", "--samples", "32",
+                              "--max-new-tokens", str(T), "--frontier", str(tmp_path / "f.json"), "--json"])
+    capsys.readouterr()
+    assert args.run(args) == 0
+    m = json.loads(capsys.readouterr().out)
+    f = Frontier.load(tmp_path / "f.json")
+    assert m["frontier_win_rate"] == pytest.approx(f.wr_star(m["kl_ref"]))
+    assert m["efficiency"] == pytest.approx((m["win_rate"] - 0.5) / (m["frontier_win_rate"] - 0.5))
+    assert 0 < m["efficiency"] <= 1.2  # a unigram tilt toward 'a' is near the frontier for a count of 'a', never far above
+    assert m["efficiency_ci"][0] < m["efficiency"] < m["efficiency_ci"][1]
