@@ -17,7 +17,8 @@ GROUPS = {
     "infalign": ("tilt.cli.infalign", "add_parser", "inference-aware alignment: KL and win rates of calibrated tilts, and tuning t"),
     "data": ("tilt.cli.data", "add_parser", "check training data files"),
     "demo": ("tilt.cli.demo", "add_parser", "align the embedded model toward positive reviews and show before/after"),
-    "sample": ("tilt.cli.evaluate", "add_sample_parser", "sample completions: plain, best-of-N, worst-of-N, quasi-rejection or importance resampling"),
+    "sample": ("tilt.cli.evaluate", "add_sample_parser", "sample completions: plain, best-of-N, worst-of-N, quasi-rejection, importance resampling, MH or SMC"),
+    "frontier": ("tilt.cli.frontier", "add_parser", "the best win rate and reward at each KL from reference samples (the KL-win-rate frontier)"),
 }
 """Command -> (module, the function that adds its parser, one-line help)."""
 

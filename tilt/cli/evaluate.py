@@ -117,6 +117,9 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--record", metavar="RUN_DIR", default=None,
                    help="also append the JSON object to RUN_DIR/evals.jsonl, for `tilt report` (win rate against KL across runs)")
     p.add_argument("--show", type=int, default=3, metavar="M", help="sample pairs printed below the table (default 3; not with --json)")
+    p.add_argument("--frontier", metavar="FILE", default=None,
+                   help="a frontier.json of the same reference, reward and prompts (`tilt frontier`): also report the efficiency "
+                   "(WR - 1/2)/(WR*(KL) - 1/2) at the model's own KL")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(run=run_eval)
 
@@ -133,6 +136,11 @@ def run_eval(args: argparse.Namespace) -> int:
     if missing:
         raise ValueError(f"tilt eval needs --{' --'.join(missing)} (or a run directory: tilt eval RUN)")
     args.max_new_tokens = 32 if args.max_new_tokens is None else args.max_new_tokens
+    frontier = None
+    if args.frontier:
+        from tilt.frontier import Frontier
+
+        frontier = Frontier.load(args.frontier)
     config = EvalConfig(samples_per_prompt=args.samples, best_of=args.best_of, num_resamples=args.resamples, level=args.level,
                         batch_size=args.batch_size, seed=args.seed, beta=args.beta)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens)  # exact sampling: the KL is of the model itself
@@ -145,6 +153,8 @@ def run_eval(args: argparse.Namespace) -> int:
     m = result.metrics
     report = {"model": args.model, "ref": args.ref, "reward": args.reward if len(args.reward) > 1 else args.reward[0],
               "max_new_tokens": args.max_new_tokens, "seed": args.seed, **m}
+    if frontier is not None:
+        report.update(frontier.efficiency(m))
     if args.record:
         record_eval(args.record, report)
     if args.json:
@@ -161,6 +171,12 @@ def run_eval(args: argparse.Namespace) -> int:
     print(table(["quantity", "estimate", f"{pct} low", f"{pct} high"],
                 [(name, m[k], *(nonneg(k, v) for v in m[f"{k}_ci"])) for name, k in rows]))
     print("(a KL, TV or JS cannot be negative: its interval is shown clipped at 0; --json gives the raw bounds)")
+    if frontier is not None:
+        e = report
+        print(f"\nefficiency {e['efficiency']:.3f} [{e['efficiency_ci'][0]:.3f}, {e['efficiency_ci'][1]:.3f}] "
+              f"(with the KL's and the frontier's uncertainty [{e['efficiency_ci_total'][0]:.3f}, {e['efficiency_ci_total'][1]:.3f}]): "
+              f"the best win rate at KL {m['kl_ref']:.3f} is {e['frontier_win_rate']:.3f}"
+              + (" (beyond the frontier's reach: under-stated)" if e["beyond_reach"] else ""))
     if args.beta is not None:
         print(f"\ntilted target pi* ∝ ref·exp(reward/{fmt(args.beta)}), importance-sampled from the model's samples "
               "(95% delta-method intervals; read the ESS first)\n")

@@ -1,0 +1,331 @@
+"""The frontier benchmark: how close each training method gets to the best achievable win rate at a given KL, on the
+embedded model's openings task (docs/frontier.md).
+
+One method per invocation; each run is evaluated on the held-out prompts of the frontier file as it trains (every
+``--eval-every`` steps: K samples of each prompt, win rate against the frontier's own reference samples, KL by k1,
+mean reward, each with a bootstrap interval) and read off at KL 0.5, 1 and 2 nats by linear interpolation between
+the two evaluations that bracket each KL. Efficiency there is (WR - 1/2)/(WR*(KL) - 1/2).
+
+    tilt frontier --limit 100 --samples 32 --max-new-tokens 24 --out bench/frontier.json      # once
+    python benchmarks/frontier.py --method kl-rl --frontier bench/frontier.json --out bench/runs
+    python benchmarks/frontier.py --method ctrl  --frontier bench/frontier.json --out bench/runs
+    python benchmarks/frontier.py --table --frontier bench/frontier.json --out bench/runs   # table + plot
+
+Resumable by method: OUT/METHOD.json holds every evaluation so far and is rewritten after each; a method whose file
+says ``done`` is skipped (``--force`` reruns it); an interrupted one starts again from the initial model.
+
+Methods (tilt's recipes called directly, not through the command line):
+
+* ``kl-rl``: ``tilt.recipes.kl_rl``, REINFORCE with a leave-one-out baseline, KL (k1) in the reward;
+* ``ppo``: the same recipe with ``ppo_epochs`` 4 (PPO-clip, eps 0.2);
+* ``ctrl``: the same recipe on the calibrated reward C (InfAlign's identity transform: the exact optimum of the
+  win rate at each KL), calibrated with m reference samples of each training prompt;
+* ``dpg``: ``tilt.recipes.dpg``, on-policy distributional policy gradient toward pi* ∝ pi_ref exp(r/beta);
+* ``online-dpo``: ``tilt.recipes.online_dpo`` (scheme online-dpo) with the reward as the labelling oracle;
+* ``bc-bon``: behaviour cloning (``tilt.recipes.bc``) on best-of-N samples of the reference for the training
+  prompts (evaluated along the cloning steps);
+* ``trl-rloo``, ``trl-grpo``: TRL's trainers with their documented defaults; they need the benchmark venv
+  (``make bench`` builds .venv-bench) and run there.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+METHODS = ("kl-rl", "ppo", "ctrl", "dpg", "online-dpo", "bc-bon", "trl-rloo", "trl-grpo")
+TARGET_KLS = (0.5, 1.0, 2.0)
+DEFAULT_LR = {"kl-rl": 1e-5, "ppo": 1e-5, "ctrl": 1e-5, "dpg": 1.41e-5, "online-dpo": 5e-7, "bc-bon": 2e-5,
+              "trl-rloo": 1e-6, "trl-grpo": 1e-6}
+"""Each recipe's own default learning rate (its config's documented source), and TRL's documented defaults."""
+DEFAULT_BETA = {"kl-rl": 0.05, "ppo": 0.05, "ctrl": 0.05, "dpg": 0.05, "online-dpo": 0.1, "bc-bon": None,
+                "trl-rloo": 0.05, "trl-grpo": 0.0}
+
+
+class Stop(Exception):
+    """Raised from a step hook once the run is past the largest KL of interest or its time budget."""
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=METHODS, help="the method to run (one per invocation)")
+    p.add_argument("--table", action="store_true", help="print the table of every finished method in --out and save the plot")
+    p.add_argument("--frontier", required=True, help="frontier.json of the held-out prompts (tilt frontier), same model, reward, length")
+    p.add_argument("--out", required=True, help="output folder: one METHOD.json per method, frontier.png")
+    p.add_argument("--force", action="store_true", help="rerun a method that is already done")
+    p.add_argument("--model", default="embedded")
+    p.add_argument("--reward", default="sentiment")
+    p.add_argument("--steps", type=int, default=60, help="most training steps (default 60)")
+    p.add_argument("--eval-every", type=int, default=5, help="steps between held-out evaluations (default 5)")
+    p.add_argument("--eval-samples", type=int, default=8, help="samples per held-out prompt per evaluation (default 8)")
+    p.add_argument("--prompts-per-step", type=int, default=8)
+    p.add_argument("--samples-per-prompt", type=int, default=4)
+    p.add_argument("--lr", type=float, default=None, help="default: the method's own (DEFAULT_LR)")
+    p.add_argument("--beta", type=float, default=None, help="default: the method's own (DEFAULT_BETA)")
+    p.add_argument("--calibration-samples", type=int, default=16, help="ctrl: m reference samples per training prompt (default 16)")
+    p.add_argument("--best-of", type=int, default=8, help="bc-bon: N of best-of-N demonstrations (default 8)")
+    p.add_argument("--stop-kl", type=float, default=2.4, help="stop once a held-out KL estimate passes this (default 2.4)")
+    p.add_argument("--max-minutes", type=float, default=15.0, help="stop training after this wall time (default 15)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    args = p.parse_args(argv)
+    if not args.table and not args.method:
+        p.error("give --method METHOD (or --table)")
+    return args
+
+
+# --- evaluation and read-off ----------------------------------------------------------------------------------------
+class Evaluator:
+    """Held-out evaluation against the frontier's own reference samples: the same prompts, the same reference."""
+
+    def __init__(self, frontier, ref, reward_fn, samples: int, seed: int):
+        self.frontier, self.ref, self.reward_fn, self.samples, self.seed = frontier, ref, reward_fn, samples, seed
+        self.prompts = frontier.data["prompts"]
+        self.ref_rewards = torch.tensor(frontier.data["ref_rewards"], dtype=torch.float64)
+
+    def __call__(self, policy, step: int, seconds: float) -> dict:
+        from tilt.evaluation import bootstrap_mean, draw_scored
+        from tilt.math.infalign import bootstrap_win_rate
+        from tilt.recipes.common import derive_seed
+
+        g = torch.Generator().manual_seed(derive_seed(self.seed, "bench-eval", step))
+        d = draw_scored(policy, self.prompts, self.samples, self.reward_fn, generator=g, ref=self.ref)
+        boot = dict(generator=torch.Generator().manual_seed(derive_seed(self.seed, "bench-boot", step)), num_resamples=300)
+        row = {"step": step, "seconds": seconds}
+        for key, triple in (("kl_ref", bootstrap_mean(d.seq_log_ratio, **boot)), ("reward_mean", bootstrap_mean(d.rewards, **boot)),
+                            ("win_rate", bootstrap_win_rate(d.rewards, self.ref_rewards, **boot))):
+            row[key], row[f"{key}_ci"] = triple[0], [triple[1], triple[2]]
+        row.update(self.frontier.efficiency(row))
+        row["example"] = d.completions[0][0]
+        return row
+
+
+def read_off(evals: list[dict], kl: float, frontier) -> dict | None:
+    """Values at held-out KL ``kl``: linear interpolation between the first two consecutive evaluations whose KL
+    estimates bracket it (None if the run never reached it)."""
+    from tilt.math.frontier import efficiency
+
+    for a, b in zip(evals, evals[1:]):
+        if a["kl_ref"] <= kl <= b["kl_ref"] and b["kl_ref"] > a["kl_ref"]:
+            t = (kl - a["kl_ref"]) / (b["kl_ref"] - a["kl_ref"])
+
+            def mix(key, i=None):
+                va, vb = (a[key], b[key]) if i is None else (a[key][i], b[key][i])
+                return va + t * (vb - va)
+
+            wr, star = mix("win_rate"), frontier.wr_star(kl)
+            return {"kl": kl, "step": mix("step"), "seconds": mix("seconds"), "win_rate": wr,
+                    "win_rate_ci": [mix("win_rate_ci", 0), mix("win_rate_ci", 1)], "reward_mean": mix("reward_mean"),
+                    "reward_mean_ci": [mix("reward_mean_ci", 0), mix("reward_mean_ci", 1)], "frontier_win_rate": star,
+                    "efficiency": efficiency(wr, star),
+                    "efficiency_ci": [efficiency(mix("win_rate_ci", 0), star), efficiency(mix("win_rate_ci", 1), star)]}
+    return None
+
+
+def write_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, allow_nan=True))
+    tmp.replace(path)
+
+
+# --- the methods ----------------------------------------------------------------------------------------------------
+def run_method(args, frontier, policy, ref, reward_fn, train_prompts, on_step) -> dict:
+    """Train ``policy`` with ``args.method``; ``on_step(step)`` after each optimisation step. Returns the config used."""
+    from tilt.recipes import bc, dpg, kl_rl, online_dpo
+
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
+    beta = args.beta if args.beta is not None else DEFAULT_BETA[args.method]
+    common = dict(steps=args.steps, prompts_per_step=args.prompts_per_step, lr=lr, seed=args.seed)
+    hook = lambda step, metrics: on_step(step + 1, metrics)  # noqa: E731 (the recipes count steps from 0)
+    if args.method in ("kl-rl", "ppo", "ctrl"):
+        reward = reward_fn
+        if args.method == "ctrl":
+            from tilt.infalign import CalibratedReward, build_calibration
+            from tilt.recipes.common import derive_seed
+
+            cal = build_calibration(ref, reward_fn, train_prompts, args.calibration_samples, seed=derive_seed(args.seed, "calibration"))
+            reward = CalibratedReward(reward_fn, cal)
+        config = kl_rl.KLRLConfig(beta=beta, samples_per_prompt=args.samples_per_prompt,
+                                  ppo_epochs=4 if args.method == "ppo" else 1, **common)
+        kl_rl.train(config, policy, ref, reward, train_prompts, on_step=hook)
+        return kl_rl.config_dict(config)
+    if args.method == "dpg":
+        from tilt.target import TiltedTarget
+
+        config = dpg.DPGConfig(samples_per_prompt=args.samples_per_prompt, **common)
+        dpg.train(config, policy, TiltedTarget(ref, reward_fn, beta), train_prompts, on_step=hook)
+        return {**common, "beta": beta, "samples_per_prompt": args.samples_per_prompt}
+    if args.method == "online-dpo":
+        from tilt.preferences import RewardComparison
+
+        config = online_dpo.OnlineDPOConfig(scheme="online-dpo", alpha=0.0, beta=beta, **common)
+        online_dpo.train(config, policy, ref, RewardComparison(reward_fn), train_prompts, on_step=hook)
+        return {**common, "beta": beta, "scheme": "online-dpo"}
+    if args.method == "bc-bon":
+        from tilt.bon import best_of_n
+        from tilt.recipes.common import derive_seed
+
+        g = torch.Generator().manual_seed(derive_seed(args.seed, "bc-bon"))
+        sel = best_of_n(ref, train_prompts, args.best_of, reward_fn, generator=g)
+        flat = torch.arange(len(train_prompts)) * args.best_of + sel.index
+        demos = sel.rollout.take(flat)
+        config = bc.BCConfig(steps=args.steps, sequences_per_step=args.prompts_per_step * args.samples_per_prompt, lr=lr, seed=args.seed)
+        bc.train(config, policy, demos, on_step=hook)
+        return {"steps": args.steps, "lr": lr, "best_of": args.best_of, "demos": len(train_prompts)}
+    return run_trl(args, policy, reward_fn, train_prompts, on_step, lr, beta)
+
+
+def run_trl(args, policy, reward_fn, train_prompts, on_step, lr: float, beta: float) -> dict:
+    """TRL's RLOOTrainer or GRPOTrainer with its documented defaults except the batch, length and steps, which match
+    the tilt runs (prompts_per_step x samples_per_prompt completions per step, sampled at temperature 1 without top-k
+    or top-p so that the samples are the policy's own). Evaluated through a callback that points the benchmark's
+    ``policy`` at the trainer's model. Needs the benchmark venv (``make bench``)."""
+    import tempfile
+
+    try:
+        from datasets import Dataset
+        from transformers import TrainerCallback
+        import trl
+    except ImportError:
+        raise SystemExit(f"{args.method} needs TRL: run this script with the benchmark venv's python (make bench builds .venv-bench)") from None
+    if args.method == "trl-rloo":
+        from trl import RLOOConfig as Config, RLOOTrainer as Trainer
+    else:
+        from trl import GRPOConfig as Config, GRPOTrainer as Trainer
+    model_path = args.model
+    if args.model == "embedded":  # TRL rebuilds the reference from a path: hand it the converted folder
+        from tilt.engine.embedded import ensure_embedded_model
+
+        model_path = str(ensure_embedded_model())
+
+    class Evaluate(TrainerCallback):
+        def on_step_end(self, targs, state, control, model=None, **kw):
+            policy.model = model
+            was_training = model.training
+            model.eval()
+            try:
+                on_step(state.global_step, {})
+            finally:
+                model.train(was_training)
+
+    def reward(completions, prompts=None, **kwargs):
+        return [float(x) for x in reward_fn(prompts, completions)]
+
+    with tempfile.TemporaryDirectory() as out:
+        config = Config(output_dir=out, per_device_train_batch_size=args.prompts_per_step * args.samples_per_prompt,
+                        num_generations=args.samples_per_prompt, max_completion_length=policy.sampling.max_new_tokens,
+                        learning_rate=lr, beta=beta, max_steps=args.steps, logging_steps=1, save_strategy="no", report_to=[],
+                        use_cpu=True, seed=args.seed, disable_tqdm=True, dataloader_num_workers=0, temperature=1.0, top_p=1.0, top_k=0)
+        trainer = Trainer(model=model_path, reward_funcs=reward, args=config, train_dataset=Dataset.from_dict({"prompt": list(train_prompts)}),
+                          callbacks=[Evaluate()])
+        trainer.train()
+    return {"trl_version": trl.__version__, "lr": lr, "beta": beta, "steps": args.steps,
+            "per_device_train_batch_size": args.prompts_per_step * args.samples_per_prompt, "num_generations": args.samples_per_prompt}
+
+
+def run(args) -> int:
+    from tilt.engine.hf import HFPolicy, SamplingConfig
+    from tilt.engine.loading import load_model_and_tokenizer
+    from tilt.frontier import Frontier, task_prompts
+    from tilt.reward_fns import reward_from_spec
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{args.method}.json"
+    if path.exists() and json.loads(path.read_text()).get("done") and not args.force:
+        print(f"{args.method}: already done ({path}); --force reruns it")
+        return 0
+    frontier = Frontier.load(args.frontier)
+    max_new = frontier.data["meta"].get("max_new_tokens")
+    if max_new is None:
+        raise SystemExit(f"{args.frontier} does not say its max_new_tokens; rebuild it with `tilt frontier`")
+    sampling = SamplingConfig(max_new_tokens=max_new)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    ref = HFPolicy(copy.deepcopy(model).requires_grad_(False), tokenizer, sampling)
+    policy = HFPolicy(model, tokenizer, sampling)
+    reward_fn = reward_from_spec(args.reward)
+    evaluate = Evaluator(frontier, ref, reward_fn, args.eval_samples, args.seed)
+    train_prompts = task_prompts("train")
+    start = time.perf_counter()
+    record = {"method": args.method, "args": vars(args), "frontier": str(args.frontier), "evals": [], "done": False,
+              "load": open("/proc/loadavg").read().split()[:3]}
+
+    def evaluate_now(step: int) -> None:
+        t0 = time.perf_counter()
+        row = evaluate(policy, step, train_seconds[0])
+        row["eval_seconds"] = time.perf_counter() - t0
+        record["evals"].append(row)
+        write_atomic(path, record)
+        print(f"  [{args.method}] step {step:3d}  held-out KL {row['kl_ref']:.3f}  win rate {row['win_rate']:.3f} "
+              f"[{row['win_rate_ci'][0]:.3f}, {row['win_rate_ci'][1]:.3f}]  WR* {row['frontier_win_rate']:.3f}  "
+              f"efficiency {row['efficiency']:.2f}  reward {row['reward_mean']:+.3f}  (train {train_seconds[0]:.0f} s)", flush=True)
+
+    train_seconds = [0.0]  # wall time spent training, evaluations excluded
+    last = [time.perf_counter()]
+
+    def on_step(step: int, metrics: dict) -> None:
+        train_seconds[0] += time.perf_counter() - last[0]
+        if step % args.eval_every == 0:
+            evaluate_now(step)
+            if record["evals"][-1]["kl_ref"] > args.stop_kl:
+                raise Stop
+        if train_seconds[0] > 60 * args.max_minutes:
+            raise Stop
+        last[0] = time.perf_counter()
+
+    evaluate_now(0)
+    last[0] = time.perf_counter()
+    try:
+        record["config"] = run_method(args, frontier, policy, ref, reward_fn, train_prompts, on_step)
+    except Stop:
+        pass
+    record["read_off"] = {str(kl): read_off(record["evals"], kl, frontier) for kl in TARGET_KLS}
+    record.update(done=True, train_seconds=train_seconds[0], wall_seconds=time.perf_counter() - start)
+    write_atomic(path, record)
+    print(f"{args.method}: written {path}")
+    return 0
+
+
+def table(args) -> int:
+    from tilt.cli.output import table as fmt_table
+    from tilt.frontier import Frontier, plot_frontier
+
+    frontier = Frontier.load(args.frontier)
+    out = Path(args.out)
+    rows, runs = [], {}
+    for method in METHODS:
+        path = out / f"{method}.json"
+        if not path.exists():
+            continue
+        rec = json.loads(path.read_text())
+        runs[method] = rec["evals"]
+        for kl in TARGET_KLS:
+            r = (rec.get("read_off") or {}).get(str(kl))
+            if r is None:
+                rows.append([method, kl, "not reached", "", "", "", ""])
+                continue
+            rows.append([method, kl, f"{r['efficiency']:.2f} [{r['efficiency_ci'][0]:.2f}, {r['efficiency_ci'][1]:.2f}]",
+                         f"{r['win_rate']:.3f} [{r['win_rate_ci'][0]:.3f}, {r['win_rate_ci'][1]:.3f}]", f"{r['frontier_win_rate']:.3f}",
+                         f"{r['reward_mean']:+.3f} [{r['reward_mean_ci'][0]:+.3f}, {r['reward_mean_ci'][1]:+.3f}]", f"{r['seconds']:.0f}"])
+    print(fmt_table(["method", "KL", "efficiency", "win rate", "WR*(KL)", "mean reward", "train s"], rows))
+    plot = plot_frontier(frontier, out / "frontier.png", runs=runs)
+    print(f"plot: {plot}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    return table(args) if args.table else run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

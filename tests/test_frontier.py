@@ -1,0 +1,261 @@
+"""The KL–win-rate frontier: exact values by hand and by an independent implementation, the orderings the theory
+implies, the estimate from reference samples against the exact frontier of a lab world, efficiency, the files, and
+the commands."""
+import argparse
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tilt.frontier import Frontier, FrontierConfig, frontier_from_rewards, plot_frontier, task_prompts
+from tilt.lab.frontier import frontier_world, sample_rewards
+from tilt.math import frontier as F
+from tilt.math.infalign import best_of_n_kl_closed_form, best_of_n_probs, exact_calibrated_reward, exact_win_rate
+
+ROOT = Path(__file__).resolve().parent.parent
+N_GRID = torch.tensor([1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256, 1024.0])
+INV_R = torch.cat([torch.zeros(1), torch.logspace(-2, 3, 60)])
+INV_C = torch.cat([torch.zeros(1), torch.logspace(-1, 4, 70)])
+
+
+def stats_of(rewards, probs, q):
+    below, at = F.reference_cdfs(rewards, probs)
+    return F.policy_stats(q, probs, rewards, F.calibrated(below, at))
+
+
+# --- exact values ----------------------------------------------------------------------------------------------------
+def test_best_of_two_of_two_samples_by_hand():
+    r = torch.tensor([[0.0, 1.0]])
+    p = F.uniform_probs(r)
+    below, at = F.reference_cdfs(r, p)
+    q = F.best_of_n_policy(p, below, at, torch.tensor([2.0]))[0]
+    assert q[0].tolist() == pytest.approx([0.25, 0.75])
+    s = stats_of(r, p, q.unsqueeze(0))
+    assert s["kl"].item() == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5))
+    assert s["win_rate"].item() == pytest.approx(0.25 * 0.25 + 0.75 * 0.75)  # C = (1/4, 3/4)
+    assert s["ess"].item() == pytest.approx(1 / (0.25**2 + 0.75**2))
+
+
+def test_best_of_two_with_a_tie_by_hand():
+    r = torch.tensor([[0.0, 1.0, 0.0]])  # two samples tie at 0
+    p = F.uniform_probs(r)
+    below, at = F.reference_cdfs(r, p)
+    assert F.calibrated(below, at)[0].tolist() == pytest.approx([1 / 3, 5 / 6, 1 / 3])
+    q = F.best_of_n_policy(p, below, at, torch.tensor([2.0]))[0]
+    assert q[0].tolist() == pytest.approx([2 / 9, 5 / 9, 2 / 9])  # the class {0, 0} gets (2/3)^2, shared equally
+    assert stats_of(r, p, q.unsqueeze(0))["win_rate"].item() == pytest.approx(4 / 9 / 3 + 5 / 9 * 5 / 6)
+
+
+def test_agrees_with_the_enumerated_best_of_n_and_win_rate():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(3, 40, generator=g, dtype=torch.float64)
+    probs /= probs.sum(-1, keepdim=True)
+    rewards = torch.randint(0, 7, (3, 40), generator=g).double()  # many ties
+    below, at = F.reference_cdfs(rewards, probs)
+    assert F.calibrated(below, at) == pytest.approx(exact_calibrated_reward(rewards, probs))
+    for n in (1, 2, 5, 16):
+        q = F.best_of_n_policy(probs, below, at, torch.tensor([float(n)]))[0]
+        assert q == pytest.approx(best_of_n_probs(probs, rewards, n))
+        s = stats_of(rewards, probs, q.unsqueeze(0))
+        assert s["win_rate"][0] == pytest.approx(exact_win_rate(q, probs, rewards))
+
+
+def test_empirical_best_of_n_kl_is_below_the_closed_form():
+    r = torch.randn(5, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    curves = F.frontier_curves(r, N_GRID, INV_R, INV_C)["best_of_n"]
+    for n, kl in zip(N_GRID.tolist(), curves["kl"].tolist()):
+        if n > 1:
+            assert kl < best_of_n_kl_closed_form(int(n))
+        assert kl <= math.log(64) + 1e-12
+
+
+def test_the_calibrated_tilt_is_the_win_rate_frontier_and_the_reward_tilt_the_reward_frontier():
+    probs, rewards = frontier_world(6, 120, seed=3, tie_step=0.2, zero_mass=0.3)
+    curves = F.frontier_curves(rewards, N_GRID, INV_R, INV_C, probs=probs)
+    grid = torch.linspace(0.05, 3.0, 30)
+    at = {name: F.on_kl_grid(c, grid) for name, c in curves.items()}
+    wr_star = at["tilt_calibrated"]["win_rate"]
+    for other in ("best_of_n", "tilt_reward"):  # linear interpolation of a concave curve errs low: small slack
+        assert (wr_star >= at[other]["win_rate"] - 2e-3).all(), other
+    assert (at["tilt_reward"]["reward"] >= at["best_of_n"]["reward"] - 2e-3).all()
+    assert (wr_star - at["tilt_reward"]["win_rate"]).max() > 0.01  # the tilts differ: the ordering could fail
+    assert curves["tilt_calibrated"]["win_rate"][0].item() == pytest.approx(0.5)  # 1/beta = 0 is pi_ref itself
+
+
+# --- the estimate from samples against the exact frontier --------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("tie_step,zero_mass,m", [(0.1, 0.4, 32), (0.0, 0.0, 64)])
+def test_sampled_frontier_covers_the_exact_one_within_reach(tie_step, zero_mass, m):
+    probs, rewards = frontier_world(16, 300, seed=0, tie_step=tie_step, zero_mass=zero_mass)
+    exact = {k: F.on_kl_grid(c, torch.tensor([0.25, 0.5, 1.0, 1.5, 2.0]))
+             for k, c in F.frontier_curves(rewards, N_GRID, INV_R, INV_C, probs=probs).items()}
+    g = torch.Generator().manual_seed(1)
+    samples = sample_rewards(probs, rewards, m, generator=g)
+    kl = torch.tensor([0.25, 0.5, 1.0, 1.5, 2.0])
+    assert kl.max() < F.reach_kl(m)
+    boot = F.bootstrap_frontier(samples, kl, N_GRID, INV_R, INV_C, generator=g, num_resamples=100)
+    for name in ("best_of_n", "tilt_calibrated"):
+        e, b = exact[name]["win_rate"], boot[name]
+        assert ((b["win_rate_low"] <= e) & (e <= b["win_rate_high"])).all(), (name, e, b)
+    for name in ("best_of_n", "tilt_reward", "tilt_calibrated"):
+        e, b = exact[name]["reward"][:3], boot[name]  # KL <= 1
+        assert ((b["reward_low"][:3] <= e) & (e <= b["reward_high"][:3])).all(), (name, e, b)
+
+
+# --- efficiency, the file and the plot --------------------------------------------------------------------------------
+def test_efficiency_by_hand():
+    assert F.efficiency(0.7, 0.9) == pytest.approx(0.5)
+    assert F.efficiency(0.5, 0.8) == 0.0 and F.efficiency(0.4, 0.6) == pytest.approx(-1.0)
+    assert math.isnan(F.efficiency(0.6, 0.5))
+    t = F.efficiency(torch.tensor([0.6, 0.6]), torch.tensor([0.7, 0.5]))
+    assert t[0].item() == pytest.approx(0.5) and math.isnan(t[1].item())
+
+
+@pytest.fixture(scope="module")
+def small_frontier():
+    probs, rewards = frontier_world(12, 100, seed=5, tie_step=0.1, zero_mass=0.4)
+    samples = sample_rewards(probs, rewards, 32, generator=torch.Generator().manual_seed(0))
+    return frontier_from_rewards(samples, FrontierConfig(num_resamples=30), meta={"reward": "lab"}), samples
+
+
+def test_frontier_file_round_trip_and_wr_star(small_frontier, tmp_path):
+    f, samples = small_frontier
+    g = F.frontier_curves(samples, torch.tensor(f.data["points"]["best_of_n"]["param"]),
+                          torch.tensor(f.data["points"]["tilt_reward"]["param"]), torch.tensor(f.data["points"]["tilt_calibrated"]["param"]))
+    back = Frontier.load(f.save(tmp_path / "frontier.json"))
+    assert back.data == json.loads(json.dumps(f.data))
+    assert back.wr_star(0.0) == pytest.approx(0.5)
+    # at a point of the calibrated curve, WR* is that point's win rate
+    i = int((g["tilt_calibrated"]["kl"] - 0.7).abs().argmin())
+    kl_i, wr_i = g["tilt_calibrated"]["kl"][i].item(), g["tilt_calibrated"]["win_rate"][i].item()
+    assert back.wr_star(kl_i) == pytest.approx(wr_i, abs=2e-3)
+    assert math.isnan(back.wr_star(10.0))  # past the largest KL 32 samples can hold
+    on = back.efficiency({"win_rate": wr_i, "kl_ref": kl_i, "win_rate_ci": [wr_i - 0.05, wr_i + 0.05], "kl_ref_ci": [kl_i - 0.1, kl_i + 0.1]})
+    assert on["efficiency"] == pytest.approx(1.0, abs=0.02)
+    assert on["efficiency_ci"][0] < 1 < on["efficiency_ci"][1]
+    assert on["efficiency_ci_total"][0] <= on["efficiency_ci"][0] and on["efficiency_ci_total"][1] >= on["efficiency_ci"][1]
+    half = back.efficiency({"win_rate": 0.5 + (wr_i - 0.5) / 2, "kl_ref": kl_i})
+    assert half["efficiency"] == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(ValueError, match="not a frontier file"):
+        (tmp_path / "bad.json").write_text("{}")
+        Frontier.load(tmp_path / "bad.json")
+
+
+def test_plot_is_written(small_frontier, tmp_path):
+    f, _ = small_frontier
+    path = plot_frontier(f, tmp_path / "f.png", runs={"run": [{"kl_ref": 0.2, "win_rate": 0.6, "win_rate_ci": [0.55, 0.65]}]})
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_reference_rewards_are_refused():
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        frontier_from_rewards(torch.zeros(3, 1))
+    bad = torch.zeros(3, 4)
+    bad[2, 1] = math.nan
+    with pytest.raises(ValueError, match="prompt 2"):
+        frontier_from_rewards(bad)
+
+
+# --- the task's prompts ------------------------------------------------------------------------------------------------
+def test_shipped_openings_are_the_generators_output():
+    spec = importlib.util.spec_from_file_location("make_openings", ROOT / "benchmarks" / "make_openings.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name, text in module.rendered().items():
+        assert (ROOT / "tilt" / "assets" / name).read_text(encoding="utf-8") == text, name
+    train, held = task_prompts("train"), task_prompts("heldout")
+    assert len(train) >= 200 and len(held) >= 100
+    assert not set(train) & set(held) and len(set(train)) == len(train)
+
+
+# --- the commands --------------------------------------------------------------------------------------------------
+def test_frontier_command_from_rewards_and_eval_efficiency(small_frontier, tmp_path, capsys):
+    from tilt.cli import frontier as frontier_cli
+
+    f, _ = small_frontier
+    f.save(tmp_path / "old.json")
+    parser = argparse.ArgumentParser(prog="tilt")
+    sub = parser.add_subparsers(required=True)
+    frontier_cli.add_parser(sub)
+    args = parser.parse_args(["frontier", "--from-rewards", str(tmp_path / "old.json"), "--out", str(tmp_path / "new.json"),
+                              "--resamples", "30"])
+    assert args.run(args) == 0
+    out = capsys.readouterr().out
+    assert "calibrated-tilt WR (WR*)" in out and "beyond reach" in out
+    new = Frontier.load(tmp_path / "new.json")
+    assert new.data["ref_rewards"] == f.data["ref_rewards"] and (tmp_path / "new.png").exists()
+    assert new.data["curves"]["tilt_calibrated"]["win_rate"] == f.data["curves"]["tilt_calibrated"]["win_rate"]
+
+
+@pytest.mark.slow
+def test_benchmark_runs_a_method_resumably_and_reads_off_kl(tmp_path, capsys):
+    from tilt.engine.hf import HFPolicy, SamplingConfig
+    from tilt.engine.tiny import char_tokenizer, tiny_gpt2
+    from tilt.frontier import draw_reference_rewards
+
+    spec = importlib.util.spec_from_file_location("bench_frontier", ROOT / "benchmarks" / "frontier.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tok = char_tokenizer("abcdefghijklmnopqrstuvwxyz ,.;:'")
+    model = tiny_gpt2(len(tok), n_layer=1, n_embd=16, n_head=1, seed=0)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "rw.py").write_text("def count_e(prompts, completions, **k):\n    return [float(c.count('e')) for c in completions]\n")
+    from tilt.reward_fns import import_reward
+
+    reward = import_reward(f"{tmp_path / 'rw.py'}:count_e")
+    prompts = ["the movie was", "i opened the box"]
+    rewards = draw_reference_rewards(HFPolicy(model, tok, SamplingConfig(max_new_tokens=6)), prompts, 8, reward, seed=0)
+    frontier_from_rewards(rewards, FrontierConfig(num_resamples=20), meta={"max_new_tokens": 6}, prompts=prompts).save(tmp_path / "f.json")
+    argv = ["--method", "kl-rl", "--frontier", str(tmp_path / "f.json"), "--out", str(tmp_path / "runs"), "--model", str(tmp_path / "m"),
+            "--reward", f"{tmp_path / 'rw.py'}:count_e", "--steps", "4", "--eval-every", "2", "--eval-samples", "2",
+            "--prompts-per-step", "2", "--samples-per-prompt", "2", "--lr", "1e-2"]
+    assert bench.main(argv) == 0
+    rec = json.loads((tmp_path / "runs" / "kl-rl.json").read_text())
+    assert rec["done"] and [e["step"] for e in rec["evals"]] == [0, 2, 4]
+    assert rec["evals"][0]["kl_ref"] == 0.0 and rec["evals"][-1]["kl_ref"] > 0
+    capsys.readouterr()
+    assert bench.main(argv) == 0 and "already done" in capsys.readouterr().out
+    # read-off: linear between the two evaluations that bracket the KL
+    f = Frontier.load(tmp_path / "f.json")
+    evals = [{"step": 0, "seconds": 0.0, "kl_ref": 0.0, "win_rate": 0.5, "win_rate_ci": [0.4, 0.6], "reward_mean": 0.0, "reward_mean_ci": [0, 0]},
+             {"step": 10, "seconds": 10.0, "kl_ref": 1.0, "win_rate": 0.7, "win_rate_ci": [0.6, 0.8], "reward_mean": 1.0, "reward_mean_ci": [0, 2]}]
+    r = bench.read_off(evals, 0.5, f)
+    assert r["win_rate"] == pytest.approx(0.6) and r["step"] == pytest.approx(5) and r["win_rate_ci"] == pytest.approx([0.5, 0.7])
+    assert r["efficiency"] == pytest.approx(0.1 / (f.wr_star(0.5) - 0.5))
+    assert bench.read_off(evals, 2.0, f) is None
+
+
+@pytest.mark.slow
+def test_eval_reports_efficiency_against_a_frontier(tmp_path, capsys):
+    from test_evaluate import PROMPTS, T, count_a, unigram_gpt2
+
+    from tilt.cli import evaluate as eval_cli
+    from tilt.engine.hf import HFPolicy, SamplingConfig
+    from tilt.frontier import draw_reference_rewards
+
+    for name, logits in {"flat": [-3.0, 0.0, -3.0, 0.0, 0.0], "likes_a": [-3.0, 0.0, -3.0, 1.5, 0.0]}.items():
+        model, tok = unigram_gpt2(logits)
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    (tmp_path / "rw.py").write_text("def count_a(prompts, completions, **k):\n    return [c.count('a') for c in completions]\n")
+    model, tok = unigram_gpt2([-3.0, 0.0, -3.0, 0.0, 0.0])
+    rewards = draw_reference_rewards(HFPolicy(model, tok, SamplingConfig(max_new_tokens=T)), PROMPTS, 64, count_a, seed=0)
+    frontier_from_rewards(rewards, FrontierConfig(num_resamples=50), prompts=PROMPTS).save(tmp_path / "f.json")
+    parser = argparse.ArgumentParser(prog="tilt")
+    eval_cli.add_parser(parser.add_subparsers(required=True))
+    args = parser.parse_args(["eval", "--model", str(tmp_path / "likes_a"), "--ref", str(tmp_path / "flat"), "--prompts",
+                              str(tmp_path / "prompts.jsonl"), "--reward", f"{tmp_path / 'rw.py'}:count_a", "--samples", "32",
+                              "--max-new-tokens", str(T), "--frontier", str(tmp_path / "f.json"), "--json"])
+    capsys.readouterr()
+    assert args.run(args) == 0
+    m = json.loads(capsys.readouterr().out)
+    f = Frontier.load(tmp_path / "f.json")
+    assert m["frontier_win_rate"] == pytest.approx(f.wr_star(m["kl_ref"]))
+    assert m["efficiency"] == pytest.approx((m["win_rate"] - 0.5) / (m["frontier_win_rate"] - 0.5))
+    assert 0 < m["efficiency"] <= 1.2  # a unigram tilt toward 'a' is near the frontier for a count of 'a', never far above
+    assert m["efficiency_ci"][0] < m["efficiency"] < m["efficiency_ci"][1]
