@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from tilt.cli.output import fmt, print_json, table
 
@@ -50,26 +51,37 @@ def _load_ref(spec: str | None, policy, model_spec: str, sampling, *, trust_remo
     return ref
 
 
-def _prompts(args, tokenizer) -> tuple[list, dict]:
-    """(prompts, other columns) from --prompts FILE (rows checked as the ``prompts`` shape, chats rendered with the
-    tokenizer's template) or from --prompt TEXT; --limit keeps the first rows."""
-    from tilt.data import DataConfig, load_data
+def _prompts(args, policy) -> tuple[list, dict, Any]:
+    """(prompts, other columns, data) from --prompts FILE (the shape inferred from its columns and shown on stderr,
+    rows read as the ``prompts`` shape, chats rendered with the tokenizer's template; each prompt plus
+    --max-new-tokens checked against the model's context) or from --prompt TEXT (data None); --limit keeps the
+    first rows."""
+    from tilt.data import DataConfig
+    from tilt.runs.setup import check_run_context, load_run_data
 
     if getattr(args, "prompt", None):
-        return list(args.prompt), {}
+        check_run_context(list(args.prompt), policy.model, policy.tokenizer, max_new_tokens=args.max_new_tokens, path="--prompt")
+        return list(args.prompt), {}, None
     config = DataConfig(fmt="prompts", max_prompt_tokens=args.max_prompt_tokens,
                         overlong="truncate" if args.max_prompt_tokens else "error")
-    rows = load_data(args.prompts, config, tokenizer=tokenizer).rows
-    if args.limit:
-        rows = rows[: args.limit]
+    data = load_run_data(args.prompts, config, policy.tokenizer, log=lambda line: print(line, file=sys.stderr, flush=True))
+    check_run_context(data, policy.model, policy.tokenizer, max_new_tokens=args.max_new_tokens, path=args.prompts)
+    rows = data.rows[: args.limit] if args.limit else data.rows
     shared = set(rows[0]).intersection(*rows[1:]) - {"prompt", "messages"}
-    return [r["prompt"] for r in rows], {k: [r[k] for r in rows] for k in sorted(shared)}
+    return [r["prompt"] for r in rows], {k: [r[k] for r in rows] for k in sorted(shared)}, data
 
 
 def _reward(specs, *, trust_remote_code: bool):
+    """The sum of ``specs`` (``--reward A --reward B``; a weight as ``0.5*SPEC``), a ``tilt.rewards.Rewards``."""
     from tilt.reward_fns import reward_from_specs
 
     return reward_from_specs(specs, trust_remote_code=trust_remote_code)
+
+
+def _bound(reward, data):
+    """``reward`` bound to the prompts file's rows (``Rewards.for_data``): user functions get its columns and, for
+    chats, messages, as TRL passes them. Unchanged without a file (--prompt)."""
+    return reward.for_data(data) if data is not None and reward is not None else reward
 
 
 def _progress(total: int, what: str):
@@ -139,12 +151,14 @@ def run_eval(args: argparse.Namespace) -> int:
     reward_fn = _reward(args.reward, trust_remote_code=args.trust_remote_code)
     policy = _load_policy(args.model, sampling, trust_remote_code=args.trust_remote_code)
     ref = _load_ref(args.ref, policy, args.model, sampling, trust_remote_code=args.trust_remote_code)
-    prompts, columns = _prompts(args, policy.tokenizer)
+    prompts, columns, data = _prompts(args, policy)
+    reward_fn = _bound(reward_fn, data)
     with _progress(2 * len(prompts) * args.samples, "sampling") as bar:
         result = evaluate(config, policy, ref, reward_fn, prompts, columns=columns, progress=bar.update)
     m = result.metrics
     report = {"model": args.model, "ref": args.ref, "reward": args.reward if len(args.reward) > 1 else args.reward[0],
-              "max_new_tokens": args.max_new_tokens, "seed": args.seed, **m}
+              "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+              **({"data_format": data.fmt, "data_inferred": data.inferred, "data_shape": data.shape} if data is not None else {}), **m}
     if args.record:
         record_eval(args.record, report)
     if args.json:
@@ -343,7 +357,8 @@ def _run_sample(args: argparse.Namespace) -> int:
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     reward_fn = _reward(args.reward, trust_remote_code=args.trust_remote_code) if args.reward else None
     policy = _load_policy(args.model, sampling, trust_remote_code=args.trust_remote_code)
-    prompts, _ = _prompts(args, policy.tokenizer)  # sampling scores the text only; tilt eval passes other columns on
+    prompts, _, data = _prompts(args, policy)
+    reward_fn = _bound(reward_fn, data)  # each prompt's columns and chat reach user functions
     g = torch.Generator().manual_seed(args.seed)
     report: dict = {"model": args.model, "mode": mode, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "seed": args.seed}
     per_prompt = {"plain": args.n, "best-of-n": args.n * (args.best_of or 1), "worst-of-n": args.n * (args.worst_of or 1),
