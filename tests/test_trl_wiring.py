@@ -113,3 +113,36 @@ def test_eval_sums_repeated_rewards(world, capsys):
     column = reward_mean(f"{world / 'rewards.py'}:from_answer")  # the file's column reaches the function
     assert column == 2.5
     assert reward_mean("regex:[aeiou]", "length:chars") == pytest.approx(vowels + length)  # same seed, same samples
+
+
+def test_demo_rl_checks_the_context_and_reads_the_prompts_file_as_inferred(world, tmp_path, capsys):
+    from tilt.data import DataError
+    from tilt.pipelines.demo_rl import DemoRLConfig, run_demo_rl
+
+    demos = tmp_path / "demos.jsonl"
+    rows = [{"prompt": "ab", "completion": " cd"}, {"prompt": "ef", "completion": " " + "g" * CONTEXT}]
+    demos.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = DemoRLConfig(model=str(world / "model"), demonstrations=str(demos), reward=("regex:a",))
+    with pytest.raises(DataError, match=r"row 2, field 'prompt': .* \(its longest reply\)"):
+        run_demo_rl(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    demos.write_text(json.dumps(rows[0]) + "\n")
+    long_prompts = tmp_path / "prompts.jsonl"
+    long_prompts.write_text(json.dumps({"prompt": "ab"}) + "\n" + json.dumps({"prompt": "e" * CONTEXT}) + "\n")
+    with pytest.raises(DataError, match=r"row 2, field 'prompt': .* \(max_new_tokens\)"):
+        run_demo_rl(DemoRLConfig(model=str(world / "model"), demonstrations=str(demos), reward=("regex:a",),
+                                 prompts=str(long_prompts)), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    assert f"# data: {demos}: 1 rows, prompt-completion, standard (inferred)" in capsys.readouterr().err
+
+
+def test_pipelines_take_the_run_sections_reward_weights():
+    from tilt.pipelines.demo_rl import config_from_sections
+    from tilt.reward_fns import reward_from_specs
+    from tilt.runs import config as cfg
+
+    resolved = cfg.resolve("demo-rl", {"run": {"model": "m", "demonstrations": "d.jsonl", "reward": ["regex:a", "length:chars"],
+                                                "reward_weights": [2.0, 0.5]}}, {})
+    pipeline = config_from_sections("demo-rl", resolved, cfg.build(resolved))
+    assert pipeline.reward == ("2.0*regex:a", "0.5*length:chars")
+    assert reward_from_specs(list(pipeline.reward))(["p"], ["aab"]).tolist() == [2.0 * 2 + 0.5 * 3]

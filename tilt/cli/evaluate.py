@@ -60,12 +60,12 @@ def _prompts(args, policy) -> tuple[list, dict, Any]:
     from tilt.runs.setup import check_run_context, load_run_data
 
     if getattr(args, "prompt", None):
-        check_run_context(list(args.prompt), policy.model, policy.tokenizer, max_new_tokens=args.max_new_tokens, path="--prompt")
+        check_run_context(list(args.prompt), policy.model.config, policy.tokenizer, max_new_tokens=args.max_new_tokens, path="--prompt")
         return list(args.prompt), {}, None
     config = DataConfig(fmt="prompts", max_prompt_tokens=args.max_prompt_tokens,
                         overlong="truncate" if args.max_prompt_tokens else "error")
     data = load_run_data(args.prompts, config, policy.tokenizer, log=lambda line: print(line, file=sys.stderr, flush=True))
-    check_run_context(data, policy.model, policy.tokenizer, max_new_tokens=args.max_new_tokens, path=args.prompts)
+    check_run_context(data, policy.model.config, policy.tokenizer, max_new_tokens=args.max_new_tokens, path=args.prompts)
     rows = data.rows[: args.limit] if args.limit else data.rows
     shared = set(rows[0]).intersection(*rows[1:]) - {"prompt", "messages"}
     return [r["prompt"] for r in rows], {k: [r[k] for r in rows] for k in sorted(shared)}, data

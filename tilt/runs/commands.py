@@ -52,7 +52,7 @@ def _prompt_data(path: str, data_config, policy, tokenizer, max_new_tokens: int,
     """(data, prompts) of a sampling recipe: the rows read (shape inferred, shown on stderr), every prompt checked
     to fit the model's context with ``max_new_tokens``, before anything is written."""
     data = load_run_data(path, data_config, tokenizer, log=log if main_rank else None)
-    check_run_context(data, policy.model, tokenizer, max_new_tokens=max_new_tokens, path=path)
+    check_run_context(data, policy.model.config, tokenizer, max_new_tokens=max_new_tokens, path=path)
     return data, [row["prompt"] for row in data.rows]
 
 
@@ -182,7 +182,7 @@ def train_dpo(config: dict, secs: dict, run_dir: Path, *, resume: bool, signals:
     checkpoint, start = runs.prepare_resume(run_dir) if resume else (None, 0)
     policy, ref, tokenizer = load_policy_and_ref(run, lora, None, checkpoint)
     data = load_run_data(run.preferences, secs["data"], tokenizer, log=log)
-    check_run_context(data, policy.model, tokenizer, max_new_tokens=None, path=run.preferences)
+    check_run_context(data, policy.model.config, tokenizer, max_new_tokens=None, path=run.preferences)
     train_rows, eval_rows = split_pairs(data.rows, secs["eval"].held_out, cfg.seed) if secs["eval"].held_out > 0 else (data.rows, [])
     pairs = preference_pairs(policy, train_rows)
     eval_pairs = preference_pairs(policy, eval_rows) if eval_rows else None
@@ -366,7 +366,7 @@ def train_reward_model(config: dict, secs: dict, run_dir: Path, *, resume: bool,
         str(checkpoint) if checkpoint is not None else path, num_labels=1, use_safetensors=True,
         dtype=pick_dtype(run.dtype, device), trust_remote_code=run.trust_remote_code).to(device)
     if held.max_length is None:  # longer texts are cut from the left to max_length, which then must fit
-        check_run_context(data, model, tokenizer, max_new_tokens=None, path=run.preferences)
+        check_run_context(data, model.config, tokenizer, max_new_tokens=None, path=run.preferences)
     reward = SequenceClassifierReward(model, tokenizer, max_length=held.max_length)
     before = {"accuracy_held_out_before": reward_model.accuracy(reward, held_out)} if held_out and not resume else None
     out = _open(run_dir, config, resume, before=before, stack=stack)

@@ -147,13 +147,13 @@ def data_summary(data) -> dict:
     return {"data_format": data.fmt, "data_inferred": data.inferred, "data_shape": data.shape, "data_rows": len(data.rows)}
 
 
-def check_run_context(data, model, tokenizer, *, max_new_tokens: int | None, path: str) -> None:
-    """Every prompt of ``data`` plus its completion budget (``max_new_tokens``; None: the row's longest reply)
+def check_run_context(data, model_config, tokenizer, *, max_new_tokens: int | None, path: str) -> None:
+    """Every prompt of ``data`` (a ``Data`` or a list of prompts) plus its completion budget (``max_new_tokens``; None: the row's longest reply)
     fits the model's context (``tilt.data.check_context``), before the run directory exists. Nothing is checked
     when neither the model's config nor the tokenizer gives a context length."""
     from tilt.data import check_context, model_context_length
 
-    context = model_context_length(getattr(model, "config", None), tokenizer)
+    context = model_context_length(model_config, tokenizer)
     if context is not None:
         check_context(data, tokenizer, max_new_tokens=max_new_tokens, context_length=context[0], path=path,
                       source=f"the model's context ({context[1]})")
