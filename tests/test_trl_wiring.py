@@ -146,3 +146,31 @@ def test_pipelines_take_the_run_sections_reward_weights():
     pipeline = config_from_sections("demo-rl", resolved, cfg.build(resolved))
     assert pipeline.reward == ("2.0*regex:a", "0.5*length:chars")
     assert reward_from_specs(list(pipeline.reward))(["p"], ["aab"]).tolist() == [2.0 * 2 + 0.5 * 3]
+
+
+@pytest.mark.slow
+def test_preference_commands_infer_implicit_prompts_and_record_the_shape(world, tmp_path, capsys):
+    pairs = tmp_path / "pairs.jsonl"  # TRL's implicit prompt: chosen and rejected share their opening words
+    pairs.write_text("".join(json.dumps({"chosen": f"{p} aei", "rejected": f"{p} bcd"}) + "\n" for p in ["ab", "cd", "ef", "gh"]))
+    for command, section in (("dpo", {"dpo": {"epochs": 1, "pairs_per_step": 2}, "eval": {"held_out": 0.25}}),
+                             ("reward-model", {"reward_model": {"epochs": 1, "pairs_per_step": 2}, "eval": {"held_out": 0.25}})):
+        config = tmp_path / f"{command}.yaml"
+        config.write_text(yaml.safe_dump({"run": {"model": str(world / "model"), "preferences": str(pairs), "checkpoint_every": 0},
+                                          **section}))
+        assert main(["train", command, "--config", str(config), "--run-dir", str(tmp_path / command), "--json"]) == 0, command
+        out, err = capsys.readouterr()
+        summary = json.loads(out)
+        assert summary["data_format"] == "preferences" and summary["data_inferred"] is True, command
+        assert summary["data_shape"] == "preference (implicit prompt), standard", command
+        assert "preference (implicit prompt), standard (inferred)" in err
+
+
+def test_sample_gives_chats_to_a_conversational_reward_and_checks_the_context(world, capsys):
+    model = str(world / "model")
+    spec = f"{world / 'rewards.py'}:think_format"  # fails unless prompts are chats and completions messages
+    assert main(["sample", "--model", model, "--prompts", str(world / "chats.jsonl"), "--reward", spec,
+                 "--max-new-tokens", "3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [s["reward"] for s in report["samples"]] == [1.0 if s["completion"].startswith("a") else 0.0 for s in report["samples"]]
+    assert main(["sample", "--model", model, "--prompt", "e" * CONTEXT, "--max-new-tokens", "3"]) != 0
+    assert "row 1, field 'prompt'" in capsys.readouterr().err
