@@ -113,6 +113,11 @@ def test_eval_sums_repeated_rewards(world, capsys):
     column = reward_mean(f"{world / 'rewards.py'}:from_answer")  # the file's column reaches the function
     assert column == 2.5
     assert reward_mean("regex:[aeiou]", "length:chars") == pytest.approx(vowels + length)  # same seed, same samples
+    args = ["eval", "--model", model, "--ref", model, "--prompts", str(world / "prompts.jsonl"), "--samples", "2",
+            "--max-new-tokens", "4", "--resamples", "20", "--json", "--reward", "regex:[aeiou]", "length:chars"]
+    assert main(args) == 0  # --reward A B, as tilt train takes it
+    report = json.loads(capsys.readouterr().out)
+    assert report["reward"] == ["regex:[aeiou]", "length:chars"] and report["reward_mean"] == pytest.approx(vowels + length)
 
 
 def test_demo_rl_checks_the_context_and_reads_the_prompts_file_as_inferred(world, tmp_path, capsys):

@@ -116,9 +116,9 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--ref", metavar="PATH", default=None, help="the reference model to compare with (same tokenizer), usually the starting point")
     p.add_argument("--prompts", metavar="FILE", default=None, help="held-out prompts: JSONL/CSV/Parquet with a 'prompt' (or chat 'messages') column")
     p.add_argument("--limit", type=int, default=0, metavar="P", help="use only the first P prompts (default: all)")
-    p.add_argument("--reward", action="append", default=None, metavar="SPEC",
+    p.add_argument("--reward", action="extend", nargs="+", default=None, metavar="SPEC",
                    help="module:function, file.py:function, a reward-model folder, sentiment, length:chars, keywords:a,b, "
-                   "regex:PAT, or WEIGHT*SPEC; repeat to sum several")
+                   "regex:PAT, or WEIGHT*SPEC; several are summed (--reward A B, or --reward A --reward B, as in tilt train)")
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, metavar="K", help=f"completions per prompt from each model (default {DEFAULT_SAMPLES})")
     p.add_argument("--best-of", type=int, default=0, metavar="N", help="also report best-of-N and worst-of-N win rates (K must be a multiple of N)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples per interval (default 1000)")
@@ -139,6 +139,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.record and not Path(args.record).is_dir():  # before any sampling
         raise FileNotFoundError(f"--record: run directory not found: {args.record!r}")
+    if args.run_dir is None and args.reward and (Path(args.reward[-1]) / "config.yaml").is_file():
+        raise ValueError(f"--reward took the run directory {args.reward[-1]!r} as a reward spec: name the run first "
+                         f"(tilt eval {args.reward[-1]} --reward ...)")
     if args.run_dir is not None:
         from_run(args)
     missing = [name for name in ("model", "ref", "prompts", "reward") if getattr(args, name) is None]
@@ -281,7 +284,8 @@ def add_sample_parser(sub) -> None:
                    help="--smc: score unfinished prefixes with --reward too (as the intermediate potential; VADER can score any text)")
     p.add_argument("--ess-threshold", type=float, default=0.5, metavar="F",
                    help="--smc: resample when the effective sample size falls under F x PARTICLES (default 0.5)")
-    p.add_argument("--reward", action="append", metavar="SPEC", help="reward spec (as in tilt eval); scores plain samples too")
+    p.add_argument("--reward", action="extend", nargs="+", metavar="SPEC",
+                   help="reward spec(s) (as in tilt eval; several are summed); scores plain samples too")
     p.add_argument("--ref", metavar="PATH", default=None, help="reference (prior) of pi* for --qrs-beta / --sir (default: the model)")
     p.add_argument("--beta", type=float, default=None, help="KL coefficient (temperature) of pi* for --qrs-beta / --sir")
     p.add_argument("--candidates", type=int, default=16, metavar="K", help="candidates per prompt for --qrs-beta (default 16)")
