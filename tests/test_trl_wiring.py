@@ -57,7 +57,6 @@ def kl_rl(world, tmp_path, run: dict, *extra: str) -> list[str]:
     return ["train", "kl-rl", "--config", str(path), "--run-dir", str(tmp_path / "run"), "--json", *extra]
 
 
-@pytest.mark.slow
 def test_trl_reward_functions_run_unchanged_with_weights_and_log_each_function(world, tmp_path, capsys):
     specs = [f"{world / 'rewards.py'}:reward_len", f"{world / 'rewards.py'}:from_answer"]
     assert main(kl_rl(world, tmp_path, {"prompts": str(world / "prompts.jsonl"), "reward": specs,
@@ -74,7 +73,6 @@ def test_trl_reward_functions_run_unchanged_with_weights_and_log_each_function(w
         assert row["reward"] == pytest.approx(row["rewards/reward_len/mean"] + 0.5 * 2.5)  # the weighted sum
 
 
-@pytest.mark.slow
 def test_a_conversational_prompts_file_trains_as_chats(world, tmp_path, capsys):
     spec = f"{world / 'rewards.py'}:think_format"  # reads completion[0]["content"], asserts chat prompts
     assert main(kl_rl(world, tmp_path, {"prompts": str(world / "chats.jsonl"), "reward": [spec]})) == 0
@@ -153,7 +151,6 @@ def test_pipelines_take_the_run_sections_reward_weights():
     assert reward_from_specs(list(pipeline.reward))(["p"], ["aab"]).tolist() == [2.0 * 2 + 0.5 * 3]
 
 
-@pytest.mark.slow
 def test_preference_commands_infer_implicit_prompts_and_record_the_shape(world, tmp_path, capsys):
     pairs = tmp_path / "pairs.jsonl"  # TRL's implicit prompt: chosen and rejected share their opening words
     pairs.write_text("".join(json.dumps({"chosen": f"{p} aei", "rejected": f"{p} bcd"}) + "\n" for p in ["ab", "cd", "ef", "gh"]))
