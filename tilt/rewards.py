@@ -214,6 +214,20 @@ def score_rollout(reward_fn: RewardFn, rollout, **columns: Any) -> Tensor:
     return score_rewards(reward_fn, rollout.prompts, rollout.completions, completion_ids=ids, **columns)
 
 
+def score_rollout_by_function(reward_fn: RewardFn, rollout) -> "RewardScores":
+    """``score_rollout`` keeping each function's values: a ``Rewards`` is called once through ``Rewards.score``
+    (its total checked finite, as ``score_rewards`` does); any other reward is one function, named by
+    ``reward_name``, that scored every sample. For ``reward_metrics`` next to the total."""
+    if not isinstance(reward_fn, Rewards):
+        total = score_rollout(reward_fn, rollout)
+        name = reward_name(reward_fn)
+        return RewardScores(total=total, values={name: total}, scored_mask={name: torch.ones(len(total), dtype=torch.bool)})
+    ids = [row[mask].tolist() for row, mask in zip(rollout.completion_ids.cpu(), rollout.completion_mask.cpu())]
+    scores = reward_fn.score(rollout.prompts, rollout.completions, completion_ids=ids)
+    _check_finite(scores.total, rollout.prompts, rollout.completions)
+    return scores
+
+
 # --- several rewards, with weights ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RewardTerm:

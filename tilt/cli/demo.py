@@ -76,7 +76,7 @@ def demo(config: dict, sections: dict, run_dir: Path, signals, log) -> dict | in
     from tilt.report import build_report
     from tilt.runs import directory as runs
     from tilt.runs.loop import RunLoop
-    from tilt.runs.setup import build_reward, check_models, final_model, load_policy_and_ref
+    from tilt.runs.setup import build_reward, check_models, check_run_context, final_model, load_policy_and_ref
 
     run, d = sections["run"], sections["demo"]
     run.require("demo", ("model", "reward"))
@@ -85,6 +85,7 @@ def demo(config: dict, sections: dict, run_dir: Path, signals, log) -> dict | in
     train_prompts, held_out = prompts[:24], prompts[24:]
     print(f"[1/4] loading {run.model!r} (the first use of embedded converts the shipped GGUF file once, ~30-60 s)", file=log, flush=True)
     policy, ref, tokenizer = load_policy_and_ref(run, sections["lora"], SamplingConfig(max_new_tokens=d.max_new_tokens), None)
+    check_run_context(prompts, policy.model.config, tokenizer, max_new_tokens=d.max_new_tokens, path="the demo's prompts")
     reward = build_reward(run)
     eval_config = EvalConfig(samples_per_prompt=d.eval_samples, seed=d.seed)
     recipe = kl_rl.KLRLConfig(beta=d.beta, steps=d.steps, prompts_per_step=d.prompts_per_step,

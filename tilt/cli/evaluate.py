@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from tilt.cli.output import fmt, print_json, table
 
@@ -50,26 +51,37 @@ def _load_ref(spec: str | None, policy, model_spec: str, sampling, *, trust_remo
     return ref
 
 
-def _prompts(args, tokenizer) -> tuple[list, dict]:
-    """(prompts, other columns) from --prompts FILE (rows checked as the ``prompts`` shape, chats rendered with the
-    tokenizer's template) or from --prompt TEXT; --limit keeps the first rows."""
-    from tilt.data import DataConfig, load_data
+def _prompts(args, policy) -> tuple[list, dict, Any]:
+    """(prompts, other columns, data) from --prompts FILE (the shape inferred from its columns and shown on stderr,
+    rows read as the ``prompts`` shape, chats rendered with the tokenizer's template; each prompt plus
+    --max-new-tokens checked against the model's context) or from --prompt TEXT (data None); --limit keeps the
+    first rows."""
+    from tilt.data import DataConfig
+    from tilt.runs.setup import check_run_context, load_run_data
 
     if getattr(args, "prompt", None):
-        return list(args.prompt), {}
+        check_run_context(list(args.prompt), policy.model.config, policy.tokenizer, max_new_tokens=args.max_new_tokens, path="--prompt")
+        return list(args.prompt), {}, None
     config = DataConfig(fmt="prompts", max_prompt_tokens=args.max_prompt_tokens,
                         overlong="truncate" if args.max_prompt_tokens else "error")
-    rows = load_data(args.prompts, config, tokenizer=tokenizer).rows
-    if args.limit:
-        rows = rows[: args.limit]
+    data = load_run_data(args.prompts, config, policy.tokenizer, log=lambda line: print(line, file=sys.stderr, flush=True))
+    check_run_context(data, policy.model.config, policy.tokenizer, max_new_tokens=args.max_new_tokens, path=args.prompts)
+    rows = data.rows[: args.limit] if args.limit else data.rows
     shared = set(rows[0]).intersection(*rows[1:]) - {"prompt", "messages"}
-    return [r["prompt"] for r in rows], {k: [r[k] for r in rows] for k in sorted(shared)}
+    return [r["prompt"] for r in rows], {k: [r[k] for r in rows] for k in sorted(shared)}, data
 
 
 def _reward(specs, *, trust_remote_code: bool):
+    """The sum of ``specs`` (``--reward A --reward B``; a weight as ``0.5*SPEC``), a ``tilt.rewards.Rewards``."""
     from tilt.reward_fns import reward_from_specs
 
     return reward_from_specs(specs, trust_remote_code=trust_remote_code)
+
+
+def _bound(reward, data):
+    """``reward`` bound to the prompts file's rows (``Rewards.for_data``): user functions get its columns and, for
+    chats, messages, as TRL passes them. Unchanged without a file (--prompt)."""
+    return reward.for_data(data) if data is not None and reward is not None else reward
 
 
 def _progress(total: int, what: str):
@@ -104,9 +116,9 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--ref", metavar="PATH", default=None, help="the reference model to compare with (same tokenizer), usually the starting point")
     p.add_argument("--prompts", metavar="FILE", default=None, help="held-out prompts: JSONL/CSV/Parquet with a 'prompt' (or chat 'messages') column")
     p.add_argument("--limit", type=int, default=0, metavar="P", help="use only the first P prompts (default: all)")
-    p.add_argument("--reward", action="append", default=None, metavar="SPEC",
+    p.add_argument("--reward", action="extend", nargs="+", default=None, metavar="SPEC",
                    help="module:function, file.py:function, a reward-model folder, sentiment, length:chars, keywords:a,b, "
-                   "regex:PAT, or WEIGHT*SPEC; repeat to sum several")
+                   "regex:PAT, or WEIGHT*SPEC; several are summed (--reward A B, or --reward A --reward B, as in tilt train)")
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, metavar="K", help=f"completions per prompt from each model (default {DEFAULT_SAMPLES})")
     p.add_argument("--best-of", type=int, default=0, metavar="N", help="also report best-of-N and worst-of-N win rates (K must be a multiple of N)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples per interval (default 1000)")
@@ -130,6 +142,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.record and not Path(args.record).is_dir():  # before any sampling
         raise FileNotFoundError(f"--record: run directory not found: {args.record!r}")
+    if args.run_dir is None and args.reward and (Path(args.reward[-1]) / "config.yaml").is_file():
+        raise ValueError(f"--reward took the run directory {args.reward[-1]!r} as a reward spec: name the run first "
+                         f"(tilt eval {args.reward[-1]} --reward ...)")
     if args.run_dir is not None:
         from_run(args)
     missing = [name for name in ("model", "ref", "prompts", "reward") if getattr(args, name) is None]
@@ -147,12 +162,14 @@ def run_eval(args: argparse.Namespace) -> int:
     reward_fn = _reward(args.reward, trust_remote_code=args.trust_remote_code)
     policy = _load_policy(args.model, sampling, trust_remote_code=args.trust_remote_code)
     ref = _load_ref(args.ref, policy, args.model, sampling, trust_remote_code=args.trust_remote_code)
-    prompts, columns = _prompts(args, policy.tokenizer)
+    prompts, columns, data = _prompts(args, policy)
+    reward_fn = _bound(reward_fn, data)
     with _progress(2 * len(prompts) * args.samples, "sampling") as bar:
         result = evaluate(config, policy, ref, reward_fn, prompts, columns=columns, progress=bar.update)
     m = result.metrics
     report = {"model": args.model, "ref": args.ref, "reward": args.reward if len(args.reward) > 1 else args.reward[0],
-              "max_new_tokens": args.max_new_tokens, "seed": args.seed, **m}
+              "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+              **({"data_format": data.fmt, "data_inferred": data.inferred, "data_shape": data.shape} if data is not None else {}), **m}
     if frontier is not None:
         report.update(frontier.efficiency(m))
     if args.record:
@@ -283,7 +300,8 @@ def add_sample_parser(sub) -> None:
                    help="--smc: score unfinished prefixes with --reward too (as the intermediate potential; VADER can score any text)")
     p.add_argument("--ess-threshold", type=float, default=0.5, metavar="F",
                    help="--smc: resample when the effective sample size falls under F x PARTICLES (default 0.5)")
-    p.add_argument("--reward", action="append", metavar="SPEC", help="reward spec (as in tilt eval); scores plain samples too")
+    p.add_argument("--reward", action="extend", nargs="+", metavar="SPEC",
+                   help="reward spec(s) (as in tilt eval; several are summed); scores plain samples too")
     p.add_argument("--ref", metavar="PATH", default=None, help="reference (prior) of pi* for --qrs-beta / --sir (default: the model)")
     p.add_argument("--beta", type=float, default=None, help="KL coefficient (temperature) of pi* for --qrs-beta / --sir")
     p.add_argument("--candidates", type=int, default=16, metavar="K", help="candidates per prompt for --qrs-beta (default 16)")
@@ -359,7 +377,8 @@ def _run_sample(args: argparse.Namespace) -> int:
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     reward_fn = _reward(args.reward, trust_remote_code=args.trust_remote_code) if args.reward else None
     policy = _load_policy(args.model, sampling, trust_remote_code=args.trust_remote_code)
-    prompts, _ = _prompts(args, policy.tokenizer)  # sampling scores the text only; tilt eval passes other columns on
+    prompts, _, data = _prompts(args, policy)
+    reward_fn = _bound(reward_fn, data)  # each prompt's columns and chat reach user functions
     g = torch.Generator().manual_seed(args.seed)
     report: dict = {"model": args.model, "mode": mode, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens, "seed": args.seed}
     per_prompt = {"plain": args.n, "best-of-n": args.n * (args.best_of or 1), "worst-of-n": args.n * (args.worst_of or 1),

@@ -283,12 +283,18 @@ def _check_floor_vocab(config: DemoRLConfig, policy) -> None:
                          f"set bc.vocab_size to {_output_vocab(policy)}")
 
 
-def _rl_prompts(config: DemoRLConfig, tokenizer, demo_rows: Sequence[Mapping]) -> list[str]:
-    from tilt.data import DataConfig, load_data
+def _rl_prompts(config: DemoRLConfig, tokenizer, demo_data, model_config):
+    """(prompts of the RL stage, their data): the prompts file (shape inferred and shown) or the demonstrations'
+    distinct prompts, each checked to fit the model's context with ``sampling.max_new_tokens``."""
+    from tilt.data import DataConfig
+    from tilt.runs.setup import check_run_context, load_run_data
 
-    if not config.prompts:
-        return list(dict.fromkeys(r["prompt"] for r in demo_rows))  # distinct, in file order
-    return [r["prompt"] for r in load_data(config.prompts, DataConfig(fmt="prompts"), tokenizer=tokenizer).rows]
+    data = load_run_data(config.prompts, DataConfig(fmt="prompts"), tokenizer, log=_log) if config.prompts else demo_data
+    check_run_context(data, model_config, tokenizer, max_new_tokens=config.sampling.max_new_tokens,
+                      path=config.prompts or config.demonstrations)
+    if config.prompts:
+        return [r["prompt"] for r in data.rows], data
+    return list(dict.fromkeys(r["prompt"] for r in data.rows)), data  # distinct, in file order
 
 
 def measure(eval_config: EvalConfig, policy, prompts: Sequence[str], reward_fn, *, refs: Mapping[str, Any],
@@ -493,15 +499,28 @@ def _stage_rl(config: DemoRLConfig, run: Path, prompts: Sequence[str], reward_fn
 
 
 # --- the pipelines -----------------------------------------------------------------------------------------------------
+def _log(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr, flush=True)
+
+
 def _demo_rows(config: DemoRLConfig):
-    from tilt.data import DataConfig, load_data
-    from tilt.engine.loading import load_tokenizer
+    """(tokenizer, demonstration data, the model's config): the demonstrations read (shape inferred and shown),
+    each prompt plus its completion checked to fit the model's context."""
+    from transformers import AutoConfig
+
+    from tilt.data import DataConfig
+    from tilt.engine.loading import load_tokenizer, resolve_model_path
+    from tilt.runs.setup import check_run_context, load_run_data
 
     tokenizer = load_tokenizer(config.model)
-    rows = load_data(config.demonstrations, DataConfig(fmt="demonstrations"), tokenizer=tokenizer).rows
-    if not rows:
+    data = load_run_data(config.demonstrations, DataConfig(fmt="demonstrations"), tokenizer, log=_log)
+    if not data.rows:
         raise ValueError(f"{config.demonstrations} holds no demonstrations")
-    return tokenizer, rows
+    model_config = AutoConfig.from_pretrained(resolve_model_path(config.model), trust_remote_code=False)
+    check_run_context(data, model_config, tokenizer, max_new_tokens=None, path=config.demonstrations)
+    return tokenizer, data, model_config
 
 
 def _run_stage(run: Path, stage: str, skipped: list, fn: Callable[[], dict]) -> dict:
@@ -524,9 +543,10 @@ def run_demo_rl(config: DemoRLConfig, run_dir: str | Path, *, hook: Hook | None 
 
     if isinstance(config, DemoRLHFConfig):
         raise TypeError("this is a demo-rlhf config: call run_demo_rlhf")
-    tokenizer, demo_rows = _demo_rows(config)  # every input is checked before the run directory is made
-    prompts = _rl_prompts(config, tokenizer, demo_rows)
-    reward_fn = reward_from_specs(list(config.reward))
+    tokenizer, demo_data, model_config = _demo_rows(config)  # every input is checked before the run directory is made
+    demo_rows = demo_data.rows
+    prompts, prompt_data = _rl_prompts(config, tokenizer, demo_data, model_config)
+    reward_fn = reward_from_specs(list(config.reward)).for_data(prompt_data)  # the rows' columns and chats
     run = open_run(run_dir, config, saved_config, stack=stack)
     skipped, stages = [], {}
     stages["bc"] = _run_stage(run, "bc", skipped, lambda: _stage_bc(config, run, demo_rows, hook))
@@ -543,15 +563,16 @@ def run_demo_rlhf(config: DemoRLHFConfig, run_dir: str | Path, *, hook: Hook | N
 
     if not isinstance(config, DemoRLHFConfig):
         raise TypeError("run_demo_rlhf needs a DemoRLHFConfig")
-    tokenizer, demo_rows = _demo_rows(config)  # every input is checked before the run directory is made
-    prompts = _rl_prompts(config, tokenizer, demo_rows)
+    tokenizer, demo_data, model_config = _demo_rows(config)  # every input is checked before the run directory is made
+    demo_rows = demo_data.rows
+    prompts, prompt_data = _rl_prompts(config, tokenizer, demo_data, model_config)
     reward_from_specs(list(config.reward))
     run = open_run(run_dir, config, saved_config, stack=stack)
     skipped, stages = [], {}
     stages["bc"] = _run_stage(run, "bc", skipped, lambda: _stage_bc(config, run, demo_rows, hook))
     stages["preferences"] = _run_stage(run, "preferences", skipped, lambda: _stage_preferences(config, run, prompts))
     stages["reward_model"] = _run_stage(run, "reward_model", skipped, lambda: _stage_reward_model(config, run, hook))
-    oracle = reward_from_specs(list(config.reward))
+    oracle = reward_from_specs(list(config.reward)).for_data(prompt_data)
     stages["rl"] = _run_stage(run, "rl", skipped, lambda: _stage_rl(
         config, run, prompts, load_reward_model(stage_dir(run, "reward_model")), hook, oracle_reward=oracle))
     return {"run_dir": str(run), "pipeline": "demo-rlhf", "stages": stages, "skipped": skipped}
@@ -565,7 +586,9 @@ def config_from_sections(command: str, config: Mapping[str, Any], sections: Mapp
     run = sections["run"]
     run.require(command, ("model", "demonstrations", "reward"))
     own = dict(config["pipeline"])
-    kwargs: dict[str, Any] = dict(model=run.model, demonstrations=run.demonstrations, reward=tuple(run.reward),
+    weights = run.reward_weights or (None,) * len(run.reward)  # a weight goes into its spec (0.5*SPEC)
+    reward = tuple(spec if w is None else f"{w}*{spec}" for w, spec in zip(weights, run.reward))
+    kwargs: dict[str, Any] = dict(model=run.model, demonstrations=run.demonstrations, reward=reward,
                                   prompts=run.prompts, checkpoint_every=run.checkpoint_every, **own)
     for name in SECTIONS:
         if name in sections:

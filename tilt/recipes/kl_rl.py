@@ -46,7 +46,7 @@ from tilt.math.pg import kl_shaped_reward, leave_one_out_advantage, ppo_clip_los
 from tilt.math.kl_control import adaptive_kl_beta
 from tilt.recipes.common import (ConstantRewardWatch, KLControlState, build_optimizer, frac_zero_std, grad_norm_and_clip, learning_rate,
                                  lr_factor, micro_batches, prompt_indices, set_lr, step_prompt_seeds)
-from tilt.rewards import RewardFn, score_rollout
+from tilt.rewards import RewardFn, RewardScores, reward_metrics, score_rollout_by_function
 from tilt.rollout import Policy, Rollout
 
 
@@ -129,7 +129,8 @@ def kl_rl_step(
     rollout = policy.sample(prompts, k, prompt_seeds=prompt_seeds)
     mask = rollout.completion_mask  # (B, T) True where a token counts
     n_seq = distributed.all_sum_int(len(rollout))  # the step's sequences over all ranks (len(rollout) in one process)
-    rewards = score_rollout(reward_fn, rollout)  # (B,); passes completion_ids, as TRL does
+    scores = score_rollout_by_function(reward_fn, rollout)  # passes completion_ids, as TRL does
+    rewards = scores.total  # (B,) the weighted sum of the reward functions
 
     ref_tok = score_tokens(ref, rollout, config.micro_batch_size)  # (B, T)
     if rollout.sampled_from_policy:
@@ -201,7 +202,19 @@ def kl_rl_step(
         "learning_rate": learning_rate(optimizer),
         **totals,
         **posterior,
+        **function_metrics(scores),
     }
+
+
+def function_metrics(scores: RewardScores) -> dict[str, float]:
+    """``rewards/<name>/mean`` and ``/std`` (TRL's keys, ``tilt.rewards.reward_metrics``) of each reward function
+    over every rank's samples, when the reward sums several functions; nothing for a single one (``reward`` is it)."""
+    names = list(scores.values)
+    if len(names) < 2:
+        return {}
+    gathered = distributed.all_gather_cat(*(scores.values[n] for n in names), *(scores.scored_mask[n] for n in names))
+    values, masks = dict(zip(names, gathered[:len(names)])), dict(zip(names, gathered[len(names):]))
+    return reward_metrics(RewardScores(total=scores.total, values=values, scored_mask=masks))
 
 
 def num_steps(config: KLRLConfig) -> int:

@@ -15,8 +15,8 @@ from typing import Any, Sequence
 
 from tilt.runs import directory as runs
 from tilt.runs.loop import PhaseProgress, RunLoop, Signals, Stop, progress_or_stop
-from tilt.runs.setup import (build_reward, check_models, draw_samples, final_model, first_samples, load_policy_and_ref,
-                             restore)
+from tilt.runs.setup import (build_reward, check_models, check_run_context, data_summary, draw_samples, final_model,
+                             first_samples, load_policy_and_ref, load_run_data, restore)
 
 BEFORE_FILE = "before.json"
 """RUN/before.json: metrics measured on the initial model, kept so that a resumed run's summary reports them."""
@@ -48,10 +48,12 @@ def _before(run: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
-def _prompts(path: str, data_config, tokenizer) -> list:
-    from tilt.data import load_data
-
-    return [row["prompt"] for row in load_data(path, data_config, tokenizer=tokenizer).rows]
+def _prompt_data(path: str, data_config, policy, tokenizer, max_new_tokens: int, *, main_rank: bool = True):
+    """(data, prompts) of a sampling recipe: the rows read (shape inferred, shown on stderr), every prompt checked
+    to fit the model's context with ``max_new_tokens``, before anything is written."""
+    data = load_run_data(path, data_config, tokenizer, log=log if main_rank else None)
+    check_run_context(data, policy.model.config, tokenizer, max_new_tokens=max_new_tokens, path=path)
+    return data, [row["prompt"] for row in data.rows]
 
 
 def _save_fn(run: Path, policy_model, tokenizer, optimizer, keep: int, extra_fn):
@@ -77,8 +79,8 @@ def train_kl_rl(config: dict, secs: dict, run_dir: Path, *, resume: bool, signal
     check_models(run)
     checkpoint, start = runs.prepare_resume(run_dir) if resume else (None, 0)
     policy, ref, tokenizer = load_policy_and_ref(run, lora, sampling, checkpoint)
-    reward_fn = build_reward(run)
-    prompts = _prompts(run.prompts, secs["data"], tokenizer)
+    data, prompts = _prompt_data(run.prompts, secs["data"], policy, tokenizer, sampling.max_new_tokens, main_rank=main_rank)
+    reward_fn = build_reward(run, data)
     initial = first_samples(policy, reward_fn, prompts, run.sample_prompts, cfg.seed) if not resume and main_rank else []
     out = _open(run_dir, config, resume, initial, stack=stack) if main_rank else run_dir
     distributed.barrier()
@@ -128,7 +130,7 @@ def train_kl_rl(config: dict, secs: dict, run_dir: Path, *, resume: bool, signal
     final = runs.save_final(out, final_model(distributed.unwrap(policy.model)), tokenizer)
     distributed.shutdown()
     rows = runs.read_jsonl(out / "metrics.jsonl")
-    summary: dict[str, Any] = {"steps": steps}
+    summary: dict[str, Any] = {"steps": steps, **data_summary(data)}
     if rows:
         summary.update({k: rows[-1][k] for k in ("reward", "kl_ref", "reward_raw", "reward_calibrated") if k in rows[-1]})
     return {**summary, "run_dir": str(out), "final": str(final)}
@@ -171,7 +173,6 @@ def pair_margins(policy, pairs, ref_logprobs, beta: float, micro_batch_size: int
 
 def train_dpo(config: dict, secs: dict, run_dir: Path, *, resume: bool, signals: Signals, resume_flags=(),
                 stack=None) -> int | dict:
-    from tilt.data import load_data
     from tilt.recipes import dpo
     from tilt.recipes.common import build_optimizer
 
@@ -180,7 +181,8 @@ def train_dpo(config: dict, secs: dict, run_dir: Path, *, resume: bool, signals:
     check_models(run)
     checkpoint, start = runs.prepare_resume(run_dir) if resume else (None, 0)
     policy, ref, tokenizer = load_policy_and_ref(run, lora, None, checkpoint)
-    data = load_data(run.preferences, secs["data"], tokenizer=tokenizer)
+    data = load_run_data(run.preferences, secs["data"], tokenizer, log=log)
+    check_run_context(data, policy.model.config, tokenizer, max_new_tokens=None, path=run.preferences)
     train_rows, eval_rows = split_pairs(data.rows, secs["eval"].held_out, cfg.seed) if secs["eval"].held_out > 0 else (data.rows, [])
     pairs = preference_pairs(policy, train_rows)
     eval_pairs = preference_pairs(policy, eval_rows) if eval_rows else None
@@ -205,7 +207,7 @@ def train_dpo(config: dict, secs: dict, run_dir: Path, *, resume: bool, signals:
     final = runs.save_final(out, final_model(policy.model), tokenizer)
     margin_after, accuracy_after = pair_margins(policy, pairs, ref_logprobs, cfg.beta, cfg.micro_batch_size)
     before = _before(out)
-    summary = {"pairs": len(pairs), "held_out_pairs": len(eval_rows), "steps": steps, "reward_margin_before": before.get("reward_margin_before"),
+    summary = {"pairs": len(pairs), "held_out_pairs": len(eval_rows), "steps": steps, **data_summary(data), "reward_margin_before": before.get("reward_margin_before"),
                "reward_margin_after": margin_after, "accuracy_before": before.get("accuracy_before"),
                "accuracy_after": accuracy_after}
     runs.write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
@@ -268,9 +270,9 @@ def train_online(config: dict, secs: dict, run_dir: Path, *, resume: bool, signa
     check_models(run)
     checkpoint, start = runs.prepare_resume(run_dir) if resume else (None, 0)
     policy, ref, tokenizer = load_policy_and_ref(run, lora, sampling, checkpoint)
-    reward_fn = build_reward(run)
+    data, prompts = _prompt_data(run.prompts, secs["data"], policy, tokenizer, sampling.max_new_tokens)
+    reward_fn = build_reward(run, data)
     oracle = build_oracle(secs["labels"], reward_fn)
-    prompts = _prompts(run.prompts, secs["data"], tokenizer)
     initial = first_samples(policy, reward_fn, prompts, run.sample_prompts, cfg.seed) if not resume else []
     out = _open(run_dir, config, resume, initial, stack=stack)
     steps = online_dpo.num_steps(cfg)
@@ -296,7 +298,7 @@ def train_online(config: dict, secs: dict, run_dir: Path, *, resume: bool, signa
         return code
     final = runs.save_final(out, final_model(policy.model), tokenizer)
     rows = runs.read_jsonl(out / "metrics.jsonl")
-    summary: dict[str, Any] = {"steps": steps, "scheme": cfg.scheme}
+    summary: dict[str, Any] = {"steps": steps, "scheme": cfg.scheme, **data_summary(data)}
     if rows:
         summary["last_policy_sample_win_rate"] = rows[-1]["policy_sample_win_rate"]
     if final_eval.eval_samples_per_prompt:
@@ -341,7 +343,6 @@ def train_reward_model(config: dict, secs: dict, run_dir: Path, *, resume: bool,
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from tilt.data import load_data
     from tilt.engine.loading import check_no_custom_code, check_safe_weights, load_tokenizer, resolve_model_path
     from tilt.recipes import reward_model
     from tilt.recipes.common import build_optimizer, derive_seed
@@ -356,7 +357,7 @@ def train_reward_model(config: dict, secs: dict, run_dir: Path, *, resume: bool,
         check_no_custom_code(path, trust_remote_code=run.trust_remote_code)
     checkpoint, start = runs.prepare_resume(run_dir) if resume else (None, 0)
     tokenizer = load_tokenizer(run.model, trust_remote_code=run.trust_remote_code)
-    data = load_data(run.preferences, secs["data"], tokenizer=tokenizer)
+    data = load_run_data(run.preferences, secs["data"], tokenizer, log=log)
     rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in data.rows]
     train_pairs, held_out = split_pairs(rows, held.held_out, cfg.seed)
     torch.manual_seed(derive_seed(cfg.seed, "reward_head"))  # the new scalar head's initialisation
@@ -364,6 +365,8 @@ def train_reward_model(config: dict, secs: dict, run_dir: Path, *, resume: bool,
     model = AutoModelForSequenceClassification.from_pretrained(
         str(checkpoint) if checkpoint is not None else path, num_labels=1, use_safetensors=True,
         dtype=pick_dtype(run.dtype, device), trust_remote_code=run.trust_remote_code).to(device)
+    if held.max_length is None:  # longer texts are cut from the left to max_length, which then must fit
+        check_run_context(data, model.config, tokenizer, max_new_tokens=None, path=run.preferences)
     reward = SequenceClassifierReward(model, tokenizer, max_length=held.max_length)
     before = {"accuracy_held_out_before": reward_model.accuracy(reward, held_out)} if held_out and not resume else None
     out = _open(run_dir, config, resume, before=before, stack=stack)
@@ -380,7 +383,7 @@ def train_reward_model(config: dict, secs: dict, run_dir: Path, *, resume: bool,
         return code
     reward.model.eval()
     final = runs.save_final(out, reward.model, tokenizer)
-    summary: dict[str, Any] = {"train_pairs": len(train_pairs), "held_out_pairs": len(held_out), "steps": steps,
+    summary: dict[str, Any] = {"train_pairs": len(train_pairs), "held_out_pairs": len(held_out), "steps": steps, **data_summary(data),
                                "accuracy_train": reward_model.accuracy(reward, train_pairs)}
     if held_out:
         summary["accuracy_held_out"] = reward_model.accuracy(reward, held_out)

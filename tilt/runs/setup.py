@@ -100,13 +100,63 @@ def final_model(model):
     return merged_model(model) if is_lora_model(model) else model
 
 
-def build_reward(run):
+def build_reward(run, data=None):
     """The run's reward: its specs summed with ``reward_weights`` (1 each when unset), as a ``tilt.rewards.Rewards``
-    that also reports each function's values (``rewards/<name>/*``)."""
+    that also reports each function's values (``rewards/<name>/*``). With ``data`` (a ``tilt.data.Data``) it is
+    bound to the rows (``Rewards.for_data``): user functions get each row's other columns by keyword and, for
+    conversational data, the prompt's messages and ``[{"role": "assistant", "content": ...}]`` completions."""
     from tilt.reward_fns import reward_from_specs
 
     weights = None if run.reward_weights is None else list(run.reward_weights)
-    return reward_from_specs(list(run.reward), weights=weights, trust_remote_code=run.trust_remote_code)
+    reward = reward_from_specs(list(run.reward), weights=weights, trust_remote_code=run.trust_remote_code)
+    return reward.for_data(data) if data is not None else reward
+
+
+def load_run_data(path: str, data_config, tokenizer, *, log=None):
+    """The data a run trains on, checked as the shape the command takes (``data_config.fmt``; a command's
+    ``data`` section fixes it, None infers it). The file's own shape is inferred from its columns first: when it
+    is the command's, the rows are read as inferred (``Data.inferred`` True); otherwise they are read as the
+    command's shape (``prompts`` takes the prompt of any shape; a file of another shape fails naming its rows).
+    ``log(line)`` receives one line saying what was read. Raises FileNotFoundError, ValueError or DataError."""
+    import warnings
+    from dataclasses import replace
+
+    from tilt.data import check_rows, infer_format, read_rows
+
+    rows = read_rows(path, split=data_config.split)
+    if not rows:
+        raise ValueError(f"{str(path)!r} holds no rows")
+    first = next((r for _, r in rows if isinstance(r, dict)), None)
+    try:
+        own = infer_format(first) if first is not None else None
+    except ValueError:
+        own = None  # check_rows names the row
+    wanted = data_config.fmt
+    config = replace(data_config, fmt=None) if wanted is None or wanted == own else data_config
+    data = check_rows(rows, config, tokenizer=tokenizer, path=str(path))
+    for note in data.warnings:
+        warnings.warn(note, stacklevel=2)
+    if log is not None:
+        how = "inferred" if data.inferred else f"columns of {own} rows, read as {data.fmt}" if own else f"read as {data.fmt}"
+        log(f"# data: {path}: {len(data.rows)} rows, {data.shape} ({how})")
+    return data
+
+
+def data_summary(data) -> dict:
+    """What a run's summary records of its data: the format used, whether it was inferred, TRL's name of the shape."""
+    return {"data_format": data.fmt, "data_inferred": data.inferred, "data_shape": data.shape, "data_rows": len(data.rows)}
+
+
+def check_run_context(data, model_config, tokenizer, *, max_new_tokens: int | None, path: str) -> None:
+    """Every prompt of ``data`` (a ``Data`` or a list of prompts) plus its completion budget (``max_new_tokens``; None: the row's longest reply)
+    fits the model's context (``tilt.data.check_context``), before the run directory exists. Nothing is checked
+    when neither the model's config nor the tokenizer gives a context length."""
+    from tilt.data import check_context, model_context_length
+
+    context = model_context_length(model_config, tokenizer)
+    if context is not None:
+        check_context(data, tokenizer, max_new_tokens=max_new_tokens, context_length=context[0], path=path,
+                      source=f"the model's context ({context[1]})")
 
 
 def draw_samples(policy, reward_fn, prompts: Sequence[Any], count: int, seed: int, step: int) -> list[dict]:
