@@ -24,6 +24,10 @@ Methods (tilt's recipes called directly, not through the command line):
 * ``online-dpo``: ``tilt.recipes.online_dpo`` (scheme online-dpo) with the reward as the labelling oracle;
 * ``bc-bon``: behaviour cloning (``tilt.recipes.bc``) on best-of-N samples of the reference for the training
   prompts (evaluated along the cloning steps);
+* ``vbon``: KL-RL at beta = 1 on the best-of-N log-ratio reward (``tilt.bon_target.BestOfNReward``, its CDF from
+  m reference samples of each training prompt): vBoN / BOND's backward part;
+* ``bond``, ``bonbon``, ``apo``, ``qrpo``: ``tilt.recipes.bond`` (Jeffreys BOND), ``bonbon``, ``apo`` (A*-PO) and
+  ``qrpo``, each with its config's own defaults except steps, prompts per step, samples per prompt, N and seed;
 * ``trl-rloo``, ``trl-grpo``: TRL's trainers with their documented defaults; they need the benchmark venv
   (``make bench`` builds .venv-bench) and run there.
 """
@@ -40,13 +44,14 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("kl-rl", "ppo", "ctrl", "dpg", "online-dpo", "bc-bon", "trl-rloo", "trl-grpo")
+METHODS = ("kl-rl", "ppo", "ctrl", "dpg", "online-dpo", "bc-bon", "vbon", "bond", "bonbon", "apo", "qrpo", "trl-rloo", "trl-grpo")
 TARGET_KLS = (0.5, 1.0, 2.0)
-DEFAULT_LR = {"kl-rl": 1e-5, "ppo": 1e-5, "ctrl": 1e-5, "dpg": 1.41e-5, "online-dpo": 5e-7, "bc-bon": 2e-5,
-              "trl-rloo": 1e-6, "trl-grpo": 1e-6}
+DEFAULT_LR = {"kl-rl": 1e-5, "ppo": 1e-5, "ctrl": 1e-5, "dpg": 1.41e-5, "online-dpo": 5e-7, "bc-bon": 2e-5, "vbon": 1e-5,
+              "bond": None, "bonbon": None, "apo": None, "qrpo": None, "trl-rloo": 1e-6, "trl-grpo": 1e-6}
 """Each recipe's own default learning rate (its config's documented source), and TRL's documented defaults."""
-DEFAULT_BETA = {"kl-rl": 0.05, "ppo": 0.05, "ctrl": 0.05, "dpg": 0.05, "online-dpo": 0.1, "bc-bon": None,
-                "trl-rloo": 0.05, "trl-grpo": 0.0}
+DEFAULT_BETA = {"kl-rl": 0.05, "ppo": 0.05, "ctrl": 0.05, "dpg": 0.05, "online-dpo": 0.1, "bc-bon": None, "vbon": 1.0,
+                "bond": None, "bonbon": None, "apo": None, "qrpo": None, "trl-rloo": 0.05, "trl-grpo": 0.0}
+"""None: the recipe config's own sourced default. vBoN is KL-RL at beta = 1 on log pi_BoN/pi_ref (docs/bon_distillation.md)."""
 
 
 class Stop(Exception):
@@ -69,8 +74,8 @@ def parse(argv=None):
     p.add_argument("--samples-per-prompt", type=int, default=4)
     p.add_argument("--lr", type=float, default=None, help="default: the method's own (DEFAULT_LR)")
     p.add_argument("--beta", type=float, default=None, help="default: the method's own (DEFAULT_BETA)")
-    p.add_argument("--calibration-samples", type=int, default=16, help="ctrl: m reference samples per training prompt (default 16)")
-    p.add_argument("--best-of", type=int, default=8, help="bc-bon: N of best-of-N demonstrations (default 8)")
+    p.add_argument("--calibration-samples", type=int, default=16, help="ctrl, vbon: m reference samples per training prompt (default 16)")
+    p.add_argument("--best-of", type=int, default=8, help="bc-bon, vbon, bond, bonbon: N of best-of-N (default 8)")
     p.add_argument("--stop-kl", type=float, default=2.4, help="stop once a held-out KL estimate passes this (default 2.4)")
     p.add_argument("--max-minutes", type=float, default=15.0, help="stop training after this wall time (default 15)")
     p.add_argument("--seed", type=int, default=0)
@@ -144,6 +149,26 @@ def run_method(args, frontier, policy, ref, reward_fn, train_prompts, on_step) -
     beta = args.beta if args.beta is not None else DEFAULT_BETA[args.method]
     common = dict(steps=args.steps, prompts_per_step=args.prompts_per_step, lr=lr, seed=args.seed)
     hook = lambda step, metrics: on_step(step + 1, metrics)  # noqa: E731 (the recipes count steps from 0)
+    if args.method in ("bond", "bonbon", "apo", "qrpo"):
+        import dataclasses
+        import importlib
+
+        recipe = importlib.import_module(f"tilt.recipes.{args.method}")
+        cls = {"bond": "BONDConfig", "bonbon": "BoNBoNConfig", "apo": "APOConfig", "qrpo": "QRPOConfig"}[args.method]
+        names = {f.name for f in dataclasses.fields(getattr(recipe, cls))}
+        given = {**common, "samples_per_prompt": args.samples_per_prompt, "n": args.best_of, "beta": beta}
+        config = getattr(recipe, cls)(**{k: v for k, v in given.items() if k in names and v is not None})
+        recipe.train(config, policy, ref, reward_fn, train_prompts, on_step=hook)
+        return dataclasses.asdict(config)
+    if args.method == "vbon":
+        from tilt.bon_target import BestOfNReward, SampleCDF
+        from tilt.infalign import build_calibration
+        from tilt.recipes.common import derive_seed
+
+        cal = build_calibration(ref, reward_fn, train_prompts, args.calibration_samples, seed=derive_seed(args.seed, "calibration"))
+        config = kl_rl.KLRLConfig(beta=beta, samples_per_prompt=args.samples_per_prompt, **common)
+        kl_rl.train(config, policy, ref, BestOfNReward(reward_fn, SampleCDF(cal), args.best_of), train_prompts, on_step=hook)
+        return kl_rl.config_dict(config)
     if args.method in ("kl-rl", "ppo", "ctrl"):
         reward = reward_fn
         if args.method == "ctrl":

@@ -191,7 +191,8 @@ def test_frontier_command_from_rewards_and_eval_efficiency(small_frontier, tmp_p
 
 
 @pytest.mark.slow
-def test_benchmark_runs_a_method_resumably_and_reads_off_kl(tmp_path, capsys):
+def tiny_benchmark(tmp_path, method: str):
+    """The benchmark module and its argv for ``method`` on a tiny model, with a frontier of 2 prompts x 8 samples."""
     from tilt.engine.hf import HFPolicy, SamplingConfig
     from tilt.engine.tiny import char_tokenizer, tiny_gpt2
     from tilt.frontier import draw_reference_rewards
@@ -210,9 +211,14 @@ def test_benchmark_runs_a_method_resumably_and_reads_off_kl(tmp_path, capsys):
     prompts = ["the movie was", "i opened the box"]
     rewards = draw_reference_rewards(HFPolicy(model, tok, SamplingConfig(max_new_tokens=6)), prompts, 8, reward, seed=0)
     frontier_from_rewards(rewards, FrontierConfig(num_resamples=20), meta={"max_new_tokens": 6}, prompts=prompts).save(tmp_path / "f.json")
-    argv = ["--method", "kl-rl", "--frontier", str(tmp_path / "f.json"), "--out", str(tmp_path / "runs"), "--model", str(tmp_path / "m"),
+    argv = ["--method", method, "--frontier", str(tmp_path / "f.json"), "--out", str(tmp_path / "runs"), "--model", str(tmp_path / "m"),
             "--reward", f"{tmp_path / 'rw.py'}:count_e", "--steps", "4", "--eval-every", "2", "--eval-samples", "2",
             "--prompts-per-step", "2", "--samples-per-prompt", "2", "--lr", "1e-2"]
+    return bench, argv
+
+
+def test_benchmark_runs_a_method_resumably_and_reads_off_kl(tmp_path, capsys):
+    bench, argv = tiny_benchmark(tmp_path, "kl-rl")
     assert bench.main(argv) == 0
     rec = json.loads((tmp_path / "runs" / "kl-rl.json").read_text())
     assert rec["done"] and [e["step"] for e in rec["evals"]] == [0, 2, 4]
@@ -227,6 +233,17 @@ def test_benchmark_runs_a_method_resumably_and_reads_off_kl(tmp_path, capsys):
     assert r["win_rate"] == pytest.approx(0.6) and r["step"] == pytest.approx(5) and r["win_rate_ci"] == pytest.approx([0.5, 0.7])
     assert r["efficiency"] == pytest.approx(0.1 / (f.wr_star(0.5) - 0.5))
     assert bench.read_off(evals, 2.0, f) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["vbon", "bond", "bonbon", "apo", "qrpo"])
+def test_benchmark_runs_the_best_of_n_and_regression_methods(tmp_path, method):
+    """Each method of docs/bon_distillation.md and docs/apo.md trains through the benchmark and moves off pi_ref."""
+    bench, argv = tiny_benchmark(tmp_path, method)
+    assert bench.main(argv + ["--best-of", "2", "--calibration-samples", "4"]) == 0
+    rec = json.loads((tmp_path / "runs" / f"{method}.json").read_text())
+    assert rec["done"] and [e["step"] for e in rec["evals"]] == [0, 2, 4]
+    assert rec["evals"][0]["kl_ref"] == 0.0 and abs(rec["evals"][-1]["kl_ref"]) > 0
 
 
 @pytest.mark.slow
