@@ -8,6 +8,10 @@ Sampling is from the model's own distribution by default (temperature 1, no top-
 changes these, ``Rollout.sample_token_logprobs`` describes the distribution actually sampled from (the
 tempered/truncated one), ``Rollout.sampled_from_policy`` is False, and recipes then score the policy's own
 log-probs with a separate forward pass; on-policy estimators become off-policy and are biased.
+
+With a fast sampler (``SamplingConfig.sampler``: a reduced-precision copy q of the model decodes, see
+``tilt.engine.fast_sampler``), ``sample_token_logprobs`` are log q, ``Rollout.sampler`` names the copy, and the
+recipes weight each sequence by pi/q (``tilt.math.mismatch``), which keeps their estimators unbiased.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from tilt.engine.fast_sampler import SAMPLERS, FastSampler, resolve_sampler
 from tilt.math.masking import completion_mask_from_eos
 from tilt.math.categorical import sample_from_logits
 from tilt.math.sampling import sampling_uniforms
@@ -31,10 +36,16 @@ class SamplingConfig:
     temperature: float = field(default=1.0, metadata={"help": "1.0 samples the policy itself; other values sample a tempered policy"})
     top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens; 0 = off (exact sampling)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass; 1.0 = off (exact sampling)"})
+    sampler: str = field(default="auto", metadata={"help": (
+        "which copy of the model draws the completions: 'exact' (the model itself), 'int8' (linear layers quantised, CPU), "
+        "'bf16' (a bfloat16 copy), or 'auto' (int8 or bf16 where the model is large enough and the device runs it "
+        "natively, else exact; tilt.engine.fast_sampler). Recipes weight a reduced-precision sampler's samples by pi/q")})
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.temperature <= 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"invalid sampling settings {self}: need max_new_tokens >= 1, temperature > 0, top_k >= 0, 0 < top_p <= 1")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampling.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
 
     @property
     def exact(self) -> bool:
@@ -85,6 +96,8 @@ class HFPolicy:
         self.eos_ids = eos_token_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.eos_ids[0]
+        self.sampler_kind, self.sampler_reason = resolve_sampler(sampling.sampler, model)  # 'exact', 'int8' or 'bf16'
+        self.fast_sampler = FastSampler(model, self.sampler_kind) if self.sampler_kind != "exact" else None
 
     def parameters(self):
         return self.model.parameters()
@@ -126,6 +139,10 @@ class HFPolicy:
         EOS mask discards at the end.
         """
         k = samples_per_prompt
+        # the model that decodes: the policy itself, or its reduced-precision copy q (refreshed if the weights changed)
+        refreshes = self.fast_sampler.refreshes if self.fast_sampler is not None else 0
+        decoder = self.model if self.fast_sampler is None else self.fast_sampler.model_for_sampling(self.model)
+        refreshed = self.fast_sampler is not None and self.fast_sampler.refreshes > refreshes
         distinct_ids, distinct_mask = self.encode_prompts(prompts)  # (P, Tp)
         prompt_ids = distinct_ids.repeat_interleave(k, 0)  # (B, Tp)
         prompt_mask = distinct_mask.repeat_interleave(k, 0)
@@ -134,7 +151,7 @@ class HFPolicy:
         eos = torch.tensor(self.eos_ids, device=self.device)
         distinct_positions = (distinct_mask.long().cumsum(-1) - 1).clamp(min=0)  # (P, Tp)
         cache = DynamicCache()
-        out = self.model(input_ids=distinct_ids, attention_mask=distinct_mask.long(), position_ids=distinct_positions,
+        out = decoder(input_ids=distinct_ids, attention_mask=distinct_mask.long(), position_ids=distinct_positions,
                          cache=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1, :].float().repeat_interleave(k, 0)  # (B, V)
         if k > 1:
@@ -160,7 +177,7 @@ class HFPolicy:
                 keep = (~ended).nonzero().squeeze(-1)  # (b_next,)
                 cache.batch_select_indices(keep)
                 rows, y, next_position, ended = rows[keep], y[keep], next_position[keep], ended[keep]
-            out = self.model(input_ids=y.unsqueeze(-1), attention_mask=attention[rows, : tp + t + 1], position_ids=next_position,
+            out = decoder(input_ids=y.unsqueeze(-1), attention_mask=attention[rows, : tp + t + 1], position_ids=next_position,
                              cache=cache, use_cache=True)
             logits = out.logits[:, -1, :].float()  # (b, V)
             next_position = next_position + 1
@@ -177,7 +194,9 @@ class HFPolicy:
             truncated=truncated,
             sample_token_logprobs=sample_token_logprobs,
             samples_per_prompt=samples_per_prompt,
-            sampled_from_policy=self.sampling.exact,
+            sampled_from_policy=self.sampling.exact and self.fast_sampler is None,
+            sampler=self.sampler_kind,
+            sampler_refresh_seconds=self.fast_sampler.last_refresh_seconds if refreshed else 0.0,
         )
 
     def decode(self, completion_ids: Tensor, completion_mask: Tensor) -> list[str]:
