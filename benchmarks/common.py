@@ -82,6 +82,22 @@ def load1() -> float:
     return os.getloadavg()[0]
 
 
+def machine_line() -> str:
+    """The CPU model, the features that decide the fast sampler (tilt.engine.fast_sampler), and the load average."""
+    from tilt.engine.fast_sampler import BF16_CPU_FLAGS, cpu_flags
+
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    flags = [f for f in ("avx2", "avx512f", "avx512_vnni", *BF16_CPU_FLAGS) if f in cpu_flags()]
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{model}, {os.cpu_count()} CPUs, flags: {' '.join(flags) or 'none of avx2/avx512'}; {gpu}; "
+            f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; torch {torch.__version__}")
+
+
 def emit(result: dict) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 

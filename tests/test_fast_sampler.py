@@ -18,8 +18,15 @@ def tokenizer():
     return char_tokenizer()
 
 
-def policy_with(tokenizer, sampler, seed=0):
-    return HFPolicy(tiny_llama(len(tokenizer), seed=seed), tokenizer, SamplingConfig(max_new_tokens=8, sampler=sampler))
+def policy_with(tokenizer, sampler, seed=0, refresh_steps=1):
+    sampling = SamplingConfig(max_new_tokens=8, sampler=sampler, sampler_refresh_steps=refresh_steps)
+    return HFPolicy(tiny_llama(len(tokenizer), seed=seed), tokenizer, sampling)
+
+
+def sgd_step(policy, rollout):
+    opt = torch.optim.SGD(policy.parameters(), lr=0.5)
+    (-policy.token_logprobs(rollout).sum()).backward()
+    opt.step()
 
 
 def copy_logprobs(policy, rollout):
@@ -78,10 +85,7 @@ def test_copy_is_refreshed_after_an_optimizer_step_and_only_then(tokenizer):
     assert policy.fast_sampler.refreshes == 1 and again.sampler_refresh_seconds == 0.0
     assert torch.equal(first.completion_ids, again.completion_ids)
 
-    opt = torch.optim.SGD(policy.parameters(), lr=0.5)
-    loss = -policy.token_logprobs(first).sum()
-    loss.backward()
-    opt.step()
+    sgd_step(policy, first)
     after = policy.sample(PROMPTS, 2, generator=torch.Generator().manual_seed(1))
     assert policy.fast_sampler.refreshes == 2 and after.sampler_refresh_seconds > 0
     # the refreshed copy is what a copy built from scratch from the updated weights would be
@@ -133,3 +137,28 @@ def test_kl_rl_step_with_the_int8_sampler_scores_the_policy_once(tokenizer):
     for m in logged:
         assert m["sampler/kl_q_pi"] != 0.0 and 0 < m["sampler/ess_fraction"] <= 1
         assert m["sampler/refresh_seconds"] > 0  # the second step's copy was refreshed after the first update
+
+
+def test_refresh_every_n_steps_and_by_cost(tokenizer, monkeypatch):
+    policy = policy_with(tokenizer, "int8", refresh_steps=2)
+    rollout = policy.sample(PROMPTS, 2, generator=torch.Generator().manual_seed(1))
+    counts = []
+    for _ in range(4):
+        sgd_step(policy, rollout)
+        rollout = policy.sample(PROMPTS, 2, generator=torch.Generator().manual_seed(1))
+        counts.append(policy.fast_sampler.refreshes)
+    assert counts == [1, 2, 2, 3]  # built once, then after every second update
+
+    by_cost = policy_with(tokenizer, "int8", refresh_steps=0)
+    by_cost.sample(PROMPTS, 2)
+    sampler = by_cost.fast_sampler
+    sampler.last_refresh_seconds = 1.0  # pretend a refresh costs 1 s: due after 4 s of sampling (20% budget)
+    sampler.sampling_seconds_since_refresh = 0.0
+    sgd_step(by_cost, rollout)
+    by_cost.sample(PROMPTS, 2)
+    assert sampler.refreshes == 1  # weights changed, but little sampling time since the refresh
+    sampler.sampling_seconds_since_refresh = 4.5
+    by_cost.sample(PROMPTS, 2)
+    assert sampler.refreshes == 2
+    by_cost.sample(PROMPTS, 2)
+    assert sampler.refreshes == 2  # nothing changed since

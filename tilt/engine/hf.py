@@ -15,6 +15,7 @@ recipes weight each sequence by pi/q (``tilt.math.mismatch``), which keeps their
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -40,12 +41,17 @@ class SamplingConfig:
         "which copy of the model draws the completions: 'exact' (the model itself), 'int8' (linear layers quantised, CPU), "
         "'bf16' (a bfloat16 copy), or 'auto' (int8 or bf16 where the model is large enough and the device runs it "
         "natively, else exact; tilt.engine.fast_sampler). Recipes weight a reduced-precision sampler's samples by pi/q")})
+    sampler_refresh_steps: int = field(default=0, metadata={"help": (
+        "refresh the fast sampler's copy after every N-th optimizer step; 0 = when refreshing costs at most 20% of the "
+        "time spent sampling (a stale copy is still corrected exactly by pi/q; tilt.engine.fast_sampler)")})
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.temperature <= 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"invalid sampling settings {self}: need max_new_tokens >= 1, temperature > 0, top_k >= 0, 0 < top_p <= 1")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampling.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.sampler_refresh_steps < 0:
+            raise ValueError(f"sampling.sampler_refresh_steps must be >= 0 (0 = by cost), got {self.sampler_refresh_steps}")
 
     @property
     def exact(self) -> bool:
@@ -97,7 +103,7 @@ class HFPolicy:
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.eos_ids[0]
         self.sampler_kind, self.sampler_reason = resolve_sampler(sampling.sampler, model)  # 'exact', 'int8' or 'bf16'
-        self.fast_sampler = FastSampler(model, self.sampler_kind) if self.sampler_kind != "exact" else None
+        self.fast_sampler = FastSampler(model, self.sampler_kind, sampling.sampler_refresh_steps) if self.sampler_kind != "exact" else None
 
     def parameters(self):
         return self.model.parameters()
@@ -140,6 +146,7 @@ class HFPolicy:
         """
         k = samples_per_prompt
         # the model that decodes: the policy itself, or its reduced-precision copy q (refreshed if the weights changed)
+        started = time.perf_counter()
         refreshes = self.fast_sampler.refreshes if self.fast_sampler is not None else 0
         decoder = self.model if self.fast_sampler is None else self.fast_sampler.model_for_sampling(self.model)
         refreshed = self.fast_sampler is not None and self.fast_sampler.refreshes > refreshes
@@ -184,6 +191,8 @@ class HFPolicy:
         completion_mask, truncated = completion_mask_from_eos(raw_ids[:, :steps], eos)  # (B, T)
         completion_ids = raw_ids[:, :steps].masked_fill(~completion_mask, self.pad_id)
         sample_token_logprobs = raw_logps[:, :steps].masked_fill(~completion_mask, 0.0)
+        if self.fast_sampler is not None:
+            self.fast_sampler.record_sampling(time.perf_counter() - started - (self.fast_sampler.last_refresh_seconds if refreshed else 0.0))
         return Rollout(
             prompts=[p for p in prompts for _ in range(samples_per_prompt)],
             completions=self.decode(completion_ids, completion_mask),
