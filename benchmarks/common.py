@@ -45,6 +45,14 @@ def sevens(completions) -> list[float]:
     return [10.0 * c.count("7") / max(1, len(c)) for c in completions]
 
 
+def letter_rate(completions, letter: str = "e") -> list[float]:
+    """A reward with signal on a real model's text (which holds no '7'): occurrences of ``letter`` per 10 characters."""
+    return [10.0 * c.count(letter) / max(1, len(c)) for c in completions]
+
+
+REWARDS = {"sevens": sevens, "letter-e": letter_rate}
+
+
 def prompt_tokens(tokenizer) -> float:
     """Mean number of tokens of the benchmark prompts under ``tokenizer`` (for the FLOP count)."""
     return sum(len(tokenizer(p)["input_ids"]) for p in PROMPTS) / len(PROMPTS)

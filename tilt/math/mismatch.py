@@ -26,9 +26,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tilt.math.fdiv import weighted_leave_one_out_baseline
 from tilt.math.importance import effective_sample_size
 
 WEIGHTINGS = ("truncated", "self-normalised", "none")
+DEFAULT_CAP = 2.0  # truncation cap: Yao et al. 2025; TRL's vllm_importance_sampling_cap
 
 
 def log_ratio(policy_seq_logprobs: Tensor, proposal_seq_logprobs: Tensor) -> Tensor:
@@ -58,18 +60,13 @@ def sequence_weights(log_w: Tensor, *, weighting: str, cap: float) -> Tensor:
 
 
 def weighted_leave_one_out_advantage(group_values: Tensor, group_weights: Tensor) -> Tensor:
-    """v_i minus the weighted mean of the *other* K-1 samples of the same prompt, sum_{j≠i} w_j v_j / sum_{j≠i} w_j.
+    """v_i minus the weighted mean of the *other* K-1 samples of its prompt (``tilt.math.fdiv.weighted_leave_one_out_baseline``).
 
     The baseline of sample i does not depend on y_i, so E_q[w_i (v_i - b_i) ∇log pi(y_i)] = E_pi[v ∇log pi]
     (the baseline's term vanishes because E_q[w ∇log pi] = E_pi[∇log pi] = 0). With all weights equal this is the
     RLOO advantage (``tilt.math.pg.leave_one_out_advantage``). (P, K), K >= 2 -> (P, K).
     """
-    if group_values.shape[-1] < 2:
-        raise ValueError("a leave-one-out baseline needs at least 2 samples per prompt (samples_per_prompt >= 2)")
-    weighted_total = (group_weights * group_values).sum(-1, keepdim=True)
-    weight_total = group_weights.sum(-1, keepdim=True)
-    others = (weight_total - group_weights).clamp(min=torch.finfo(group_weights.dtype).tiny)
-    return group_values - (weighted_total - group_weights * group_values) / others
+    return group_values - weighted_leave_one_out_baseline(group_values, group_weights)
 
 
 def kl_proposal_policy(log_w: Tensor) -> Tensor:

@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from tilt.math import importance
+from tilt.math import importance, mismatch
 from tilt.math.fdiv import DIVERGENCES, f_divergence_loss, importance_weights, log_density_ratio, pseudo_reward, weighted_leave_one_out_baseline
 from tilt.math.masking import masked_sum
 from tilt.recipes.common import build_optimizer, lr_factor, micro_batches, prompt_indices, set_lr, step_prompt_seeds
@@ -198,6 +198,7 @@ def dpg_step(
         "importance_weight_max": weights.max().item(),
         "grad_norm": grad_norm,
         "proposal_updates": float(state.proposal_updates),
+        **mismatch.mismatch_metrics(mismatch.log_ratio(log_pi, log_q).view(-1, k), cap=mismatch.DEFAULT_CAP),  # the sampler q against pi
     }
     if log_diagnostics:
         diag = importance.diagnostics(log_p_unnorm.view(-1, k), log_q.view(-1, k), log_pi.view(-1, k))
