@@ -60,7 +60,7 @@ def replayed_logprobs(model, rollout):
     return torch.stack(out, -1)
 
 
-@pytest.mark.parametrize("kind", ["int8", "bf16"])
+@pytest.mark.parametrize("kind", ["int8", "fp16", "bf16"])
 def test_rollout_records_the_samplers_log_probs(tokenizer, kind):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bf16 on a CPU without native bfloat16 warns that it is slow
@@ -103,7 +103,7 @@ def test_auto_and_fallbacks(tokenizer, monkeypatch):
     model = tiny_llama(len(tokenizer))
     assert fast_sampler.resolve_sampler("auto", model)[0] == "exact"  # a tiny model is overhead-bound
     monkeypatch.setattr(fast_sampler, "AUTO_MIN_LINEAR_PARAMS", 0)
-    expected = "int8" if fast_sampler.int8_is_available(torch.device("cpu")) else ("bf16" if fast_sampler.bf16_is_fast(torch.device("cpu")) else "exact")
+    expected = "fp16" if fast_sampler.int8_is_available(torch.device("cpu")) else ("bf16" if fast_sampler.bf16_is_fast(torch.device("cpu")) else "exact")
     assert fast_sampler.resolve_sampler("auto", model)[0] == expected
     # where int8 kernels are missing (a CUDA device), int8 falls back to bf16 if native, else to exact, with a warning
     monkeypatch.setattr(fast_sampler, "int8_is_available", lambda device: False)

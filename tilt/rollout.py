@@ -31,7 +31,7 @@ class Rollout:
     samples_per_prompt: int  # K
     sampled_from_policy: bool = True  # True when the sampling distribution is the policy's own (temperature 1, no top-k/p)
     # which copy of the policy drew the completions: 'exact' (the policy itself, possibly tempered/truncated) or a
-    # reduced-precision proposal q ('int8', 'bf16'; tilt.engine.fast_sampler), whose samples recipes weight by pi/q
+    # reduced-precision proposal q ('int8', 'fp16', 'bf16'; tilt.engine.fast_sampler), whose samples recipes weight by pi/q
     sampler: str = "exact"
     sampler_refresh_seconds: float = 0.0  # seconds spent bringing the sampler copy up to date before this draw
 

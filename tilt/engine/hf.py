@@ -38,9 +38,10 @@ class SamplingConfig:
     top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens; 0 = off (exact sampling)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass; 1.0 = off (exact sampling)"})
     sampler: str = field(default="auto", metadata={"help": (
-        "which copy of the model draws the completions: 'exact' (the model itself), 'int8' (linear layers quantised, CPU), "
-        "'bf16' (a bfloat16 copy), or 'auto' (int8 or bf16 where the model is large enough and the device runs it "
-        "natively, else exact; tilt.engine.fast_sampler). Recipes weight a reduced-precision sampler's samples by pi/q")})
+        "which copy of the model draws the completions: 'exact' (the model itself), 'int8' (linear layers int8, CPU), "
+        "'fp16' (linear weights packed as float16, CPU), 'bf16' (a bfloat16 copy), or 'auto' (fp16 on CPU, bf16 on a GPU "
+        "with bfloat16, where the model is large enough; else exact; tilt.engine.fast_sampler). Recipes weight a "
+        "reduced-precision sampler's samples by pi/q")})
     sampler_refresh_steps: int = field(default=0, metadata={"help": (
         "refresh the fast sampler's copy after every N-th optimizer step; 0 = when refreshing costs at most 20% of the "
         "time spent sampling (a stale copy is still corrected exactly by pi/q; tilt.engine.fast_sampler)")})
@@ -102,7 +103,7 @@ class HFPolicy:
         self.eos_ids = eos_token_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.eos_ids[0]
-        self.sampler_kind, self.sampler_reason = resolve_sampler(sampling.sampler, model)  # 'exact', 'int8' or 'bf16'
+        self.sampler_kind, self.sampler_reason = resolve_sampler(sampling.sampler, model)  # 'exact', 'int8', 'fp16' or 'bf16'
         self.fast_sampler = FastSampler(model, self.sampler_kind, sampling.sampler_refresh_steps) if self.sampler_kind != "exact" else None
 
     def parameters(self):
