@@ -34,8 +34,8 @@ cost is kept in ``last_refresh_seconds`` (the recipes log it as ``sampler/refres
 ``refresh_steps`` = N >= 1 refreshes after every N-th optimizer step (1: after each); 0 (the default) refreshes
 once the time spent sampling with the copy since its last refresh reaches ``1 / REFRESH_BUDGET - 1`` times the
 last refresh's cost, so that refreshing takes at most ``REFRESH_BUDGET`` of the sampling phase on the machine at
-hand. Re-quantising SmolLM2-135M (211 linear layers, fbgemm's re-packing included) cost about 1.5 times the
-int8 sampling of a step of 8 x 16 tokens here, so refreshing after every step would lose more than int8 gains.
+hand. Re-packing SmolLM2-135M's 211 linear layers took a little longer than sampling one step of 8 x 16 tokens
+with the copy (docs/performance.md), so refreshing after every step would lose more than the copy gains.
 A stale copy is still a proposal: the weights pi/q correct it exactly, and only their spread (the logged
 ESS) grows as the policy moves away from it.
 """
