@@ -36,11 +36,15 @@ $(BENCH_STAMP): pyproject.toml requirements.lock benchmarks/requirements-bench.t
 	$(BENCH_PY) -m pip install -q --no-deps -e .
 	touch $(BENCH_STAMP)
 
-# one thread per process: on a shared two-core machine two threads oversubscribe it
+# one thread per process: on a shared two-core machine two threads oversubscribe it. Each script prints the CPU
+# model, its features and the load average; every comparison is interleaved (docs/performance.md).
+EMBEDDED_STEP := --model embedded --prompts-per-step 2 --completions-per-prompt 4 --completion-length 16 --lr 1e-5 --reward letter-e
 bench: $(BENCH_STAMP)
 	$(BENCH_PY) benchmarks/sampling.py --threads 1
 	$(BENCH_PY) benchmarks/sampling.py --threads 1 --samples-per-prompt 4
+	$(BENCH_PY) benchmarks/sampling.py --threads 1 --model embedded --batch 16 --new-tokens 16 --repeats 2 --sampler exact int8 auto
 	$(BENCH_PY) benchmarks/rl_step.py --threads 1
+	$(BENCH_PY) benchmarks/rl_step.py --threads 1 $(EMBEDDED_STEP) --steps 20 --rounds 1 --sampler exact auto
 	$(BENCH_PY) benchmarks/online_dpo_step.py --threads 1
 
 clean:

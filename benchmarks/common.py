@@ -45,6 +45,14 @@ def sevens(completions) -> list[float]:
     return [10.0 * c.count("7") / max(1, len(c)) for c in completions]
 
 
+def letter_rate(completions, letter: str = "e") -> list[float]:
+    """A reward with signal on a real model's text (which holds no '7'): occurrences of ``letter`` per 10 characters."""
+    return [10.0 * c.count(letter) / max(1, len(c)) for c in completions]
+
+
+REWARDS = {"sevens": sevens, "letter-e": letter_rate}
+
+
 def prompt_tokens(tokenizer) -> float:
     """Mean number of tokens of the benchmark prompts under ``tokenizer`` (for the FLOP count)."""
     return sum(len(tokenizer(p)["input_ids"]) for p in PROMPTS) / len(PROMPTS)
@@ -80,6 +88,22 @@ def peak_rss_mb() -> float:
 
 def load1() -> float:
     return os.getloadavg()[0]
+
+
+def machine_line() -> str:
+    """The CPU model, the features that decide the fast sampler (tilt.engine.fast_sampler), and the load average."""
+    from tilt.engine.fast_sampler import BF16_CPU_FLAGS, cpu_flags
+
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    flags = [f for f in ("avx2", "avx512f", "avx512_vnni", *BF16_CPU_FLAGS) if f in cpu_flags()]
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{model}, {os.cpu_count()} CPUs, flags: {' '.join(flags) or 'none of avx2/avx512'}; {gpu}; "
+            f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; torch {torch.__version__}")
 
 
 def emit(result: dict) -> None:

@@ -10,6 +10,11 @@ the same process. Not a test: the verdict is the printed ratio.
     python benchmarks/rl_step.py                       # tiny Llama (32k vocabulary), 4 prompts x 4 completions x 32 tokens
     python benchmarks/rl_step.py --steps 20 --rounds 2 # reward after 20 steps, each side twice
     python benchmarks/rl_step.py --model embedded --completions-per-prompt 4 --prompts-per-step 2
+    python benchmarks/rl_step.py --model embedded --sampler exact int8 --reward letter-e   # tilt twice: exact and int8
+
+``--sampler`` runs one tilt side per sampler (``SamplingConfig.sampler``), interleaved with TRL in every round
+(tilt:exact, tilt:int8, TRL, ...). The reward columns then also compare the fast sampler's learning with the
+exact sampler's: the mean reward of the last five steps with its standard error over those steps.
 
 Needs TRL (``benchmarks/requirements-bench.txt``); run with the benchmark environment's Python.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -49,21 +55,25 @@ def run_tilt(args, folder: str) -> dict:
     ref_model, _ = load(args.model, folder)
     for p in ref_model.parameters():
         p.requires_grad_(False)
-    sampling = SamplingConfig(max_new_tokens=args.completion_length)
+    sampling = SamplingConfig(max_new_tokens=args.completion_length, sampler=args.sampler[0])  # one sampler per tilt side
     policy, ref = HFPolicy(model, tokenizer, sampling), HFPolicy(ref_model, tokenizer, sampling)
+    samplers = {"kind": policy.sampler_kind, "reason": policy.sampler_reason}
     config = KLRLConfig(beta=args.beta, steps=args.steps, prompts_per_step=args.prompts_per_step,
                         samples_per_prompt=args.completions_per_prompt, lr=args.lr, seed=args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    stamps, rewards, lengths = [time.perf_counter()], [], []
+    stamps, rewards, lengths, logged = [time.perf_counter()], [], [], []
+    reward_fn = common.REWARDS[args.reward]
 
     def on_step(step, metrics):
         stamps.append(time.perf_counter())
         rewards.append(metrics["reward"])
         lengths.append(metrics["completion_length"])
+        logged.append({k: metrics[k] for k in ("sampler/kl_q_pi", "sampler/ess_fraction", "sampler/refresh_seconds")})
 
-    train(config, policy, ref, lambda prompts, completions: common.sevens(completions), common.PROMPTS, optimizer=optimizer, on_step=on_step)
+    train(config, policy, ref, lambda prompts, completions: reward_fn(completions), common.PROMPTS, optimizer=optimizer, on_step=on_step)
     return {"step_times": [b - a for a, b in zip(stamps, stamps[1:])], "rewards": rewards, "completion_length": lengths,
-            "n_params": sum(p.numel() for p in model.parameters()), "prompt_tokens": common.prompt_tokens(tokenizer)}
+            "n_params": sum(p.numel() for p in model.parameters()), "prompt_tokens": common.prompt_tokens(tokenizer),
+            "sampler": samplers, "sampler_metrics": logged}
 
 
 def run_trl(args, folder: str) -> dict:
@@ -99,7 +109,7 @@ def run_trl(args, folder: str) -> dict:
         dataset = Dataset.from_dict({"prompt": common.PROMPTS * 8})
 
         def reward(completions, **kwargs):
-            return common.sevens(completions)
+            return common.REWARDS[args.reward](completions)
 
         trainer = RLOOTrainer(model=model_path, reward_funcs=reward, args=config, train_dataset=dataset, callbacks=[Clock()])
         trainer.train()
@@ -136,6 +146,8 @@ def main():
     ap.add_argument("--beta", type=float, default=0.05, help="KL coefficient (TRL's RLOO default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sampler", nargs="+", default=["auto"], help="tilt sides to run, one per sampler: exact, int8, bf16, auto")
+    ap.add_argument("--reward", choices=sorted(common.REWARDS), default="sevens", help="'letter-e' has signal on a real model's text")
     ap.add_argument("--side", choices=["tilt", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -143,16 +155,25 @@ def main():
         return child(args)
 
     folder = args.folder or tempfile.mkdtemp(prefix="tilt-bench-")
-    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("side", "folder", "rounds")]
-    results = {"tilt": [], "trl": []}
+    print(common.machine_line(), flush=True)
+    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("side", "folder", "rounds", "sampler")]
+    sides = {**{f"tilt:{s}": ["--side=tilt", f"--sampler={s}"] for s in args.sampler}, "trl": ["--side=trl"]}
+    results = {side: [] for side in sides}
     for r in range(args.rounds):
-        for side in ("tilt", "trl"):
-            res = common.run_side(sys.executable, os.path.abspath(__file__), [*passthrough, f"--side={side}", f"--folder={folder}"])
+        for side, extra in sides.items():
+            res = common.run_side(sys.executable, os.path.abspath(__file__), [*passthrough, *extra, f"--folder={folder}"])
             results[side].append(res)
             times = res["step_times"][1:]
-            print(f"round {r} {side:>4}: {common.median(times):.3f} s/step (median of {len(times)}), final reward "
+            used = f" (sampler {res['sampler']['kind']}: {res['sampler']['reason']})" if "sampler" in res else ""
+            print(f"round {r} {side:>10}{used}: {common.median(times):.3f} s/step (median of {len(times)}), final reward "
                   f"{res['rewards'][-1]:.3f}, peak RSS {res['peak_rss_mb']:.0f} MB, matmul {res['matmul_gflops']:.0f} GFLOP/s, "
                   f"load {res['load'][0]:.2f}-{res['load'][1]:.2f}", flush=True)
+            if res.get("sampler_metrics") and res["sampler"]["kind"] != "exact":
+                m = res["sampler_metrics"]
+                refreshes = [x["sampler/refresh_seconds"] for x in m[1:] if x["sampler/refresh_seconds"] > 0]
+                print(f"{'':>19}sampler/kl_q_pi median {common.median([x['sampler/kl_q_pi'] for x in m]):.4f}, ess_fraction median "
+                      f"{common.median([x['sampler/ess_fraction'] for x in m]):.3f}, {len(refreshes)} refreshes after step 0, "
+                      f"median {common.median(refreshes):.2f} s", flush=True)
     report(args, results)
 
 
@@ -161,21 +182,29 @@ def report(args, results) -> None:
     for side, runs in results.items():
         times = [t for res in runs for t in res["step_times"][1:]]
         last = [sum(res["rewards"][-3:]) / len(res["rewards"][-3:]) for res in runs]
-        per[side] = {"s_per_step": common.median(times), "reward_last3": common.median(last),
+        tail = [x for res in runs for x in res["rewards"][-5:]]
+        stderr = statistics.stdev(tail) / len(tail) ** 0.5 if len(tail) > 1 else float("nan")
+        per[side] = {"s_per_step": common.median(times), "mean_s_per_step": statistics.mean(times), "reward_last3": common.median(last),
+                     "reward_last5": f"{statistics.mean(tail):.3f} ± {stderr:.3f}",
                      "reward_first": common.median([res["rewards"][0] for res in runs]),
                      "peak_rss_mb": max(res["peak_rss_mb"] for res in runs), "matmul_gflops": common.median([res["matmul_gflops"] for res in runs]),
                      "n_params": runs[0]["n_params"]}
     b = args.prompts_per_step * args.completions_per_prompt
-    flops = step_flops(per["tilt"]["n_params"], b, results["tilt"][0]["prompt_tokens"], args.completion_length)
+    first_tilt = next(side for side in per if side.startswith("tilt"))
+    flops = step_flops(per[first_tilt]["n_params"], b, results[first_tilt][0]["prompt_tokens"], args.completion_length)
     trl_version = results["trl"][0].get("trl_version")
-    print(f"\nTRL {trl_version}; {b} completions of {args.completion_length} tokens per step; {args.threads} threads")
-    print(f"{'':>5}  {'s/step':>7}  {'reward@1':>8}  {'reward@end':>10}  {'peak RSS MB':>11}  {'GFLOP/s':>7}  {'% of matmul':>11}")
+    print(f"\nTRL {trl_version}; {b} completions of {args.completion_length} tokens per step; {args.threads} threads; reward {args.reward}")
+    print(f"{'':>10}  {'s/step':>7}  {'mean':>7}  {'reward@1':>8}  {'reward@end':>10}  {'last 5 ± se':>13}  {'peak RSS MB':>11}  {'GFLOP/s':>7}  {'% of matmul':>11}")
     for side, v in per.items():
         achieved = flops / v["s_per_step"] / 1e9
-        print(f"{side:>5}  {v['s_per_step']:>7.3f}  {v['reward_first']:>8.3f}  {v['reward_last3']:>10.3f}  {v['peak_rss_mb']:>11.0f}  "
-              f"{achieved:>7.1f}  {100 * achieved / v['matmul_gflops']:>10.1f}%")
-    print(f"speed-up (TRL s/step / tilt s/step): {per['trl']['s_per_step'] / per['tilt']['s_per_step']:.2f}x; "
-          f"memory ratio (tilt / TRL peak RSS): {per['tilt']['peak_rss_mb'] / per['trl']['peak_rss_mb']:.2f}")
+        print(f"{side:>10}  {v['s_per_step']:>7.3f}  {v['mean_s_per_step']:>7.3f}  {v['reward_first']:>8.3f}  {v['reward_last3']:>10.3f}  {v['reward_last5']:>13}  "
+              f"{v['peak_rss_mb']:>11.0f}  {achieved:>7.1f}  {100 * achieved / v['matmul_gflops']:>10.1f}%")
+    for side in per:
+        if side.startswith("tilt"):
+            print(f"{side}: speed-up (TRL s/step / tilt s/step) {per['trl']['s_per_step'] / per[side]['s_per_step']:.2f}x "
+                  f"(means, refreshes included: {per['trl']['mean_s_per_step'] / per[side]['mean_s_per_step']:.2f}x); "
+                  f"memory ratio (tilt / TRL peak RSS) {per[side]['peak_rss_mb'] / per['trl']['peak_rss_mb']:.2f}")
+    print(common.machine_line())
 
 
 if __name__ == "__main__":

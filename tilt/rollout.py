@@ -30,6 +30,16 @@ class Rollout:
     sample_token_logprobs: Tensor  # (B, T) log-prob of each token under the *sampling* distribution, 0 off-mask
     samples_per_prompt: int  # K
     sampled_from_policy: bool = True  # True when the sampling distribution is the policy's own (temperature 1, no top-k/p)
+    # which copy of the policy drew the completions: 'exact' (the policy itself, possibly tempered/truncated) or a
+    # reduced-precision proposal q ('int8', 'fp16', 'bf16'; tilt.engine.fast_sampler), whose samples recipes weight by pi/q
+    sampler: str = "exact"
+    sampler_refresh_seconds: float = 0.0  # seconds spent bringing the sampler copy up to date before this draw
+
+    @property
+    def from_proposal(self) -> bool:
+        """True when a reduced-precision copy q of the policy drew the completions: ``sample_token_logprobs`` are
+        log q, and recipes weight each sequence by pi/q (``tilt.math.mismatch``)."""
+        return self.sampler != "exact"
 
     @property
     def sample_seq_logprobs(self) -> Tensor:
@@ -64,6 +74,7 @@ class Rollout:
             sample_token_logprobs=self.sample_token_logprobs[idx],
             samples_per_prompt=1,
             sampled_from_policy=self.sampled_from_policy,
+            sampler=self.sampler,
         )
 
 

@@ -8,9 +8,14 @@ Sampling is from the model's own distribution by default (temperature 1, no top-
 changes these, ``Rollout.sample_token_logprobs`` describes the distribution actually sampled from (the
 tempered/truncated one), ``Rollout.sampled_from_policy`` is False, and recipes then score the policy's own
 log-probs with a separate forward pass; on-policy estimators become off-policy and are biased.
+
+With a fast sampler (``SamplingConfig.sampler``: a reduced-precision copy q of the model decodes, see
+``tilt.engine.fast_sampler``), ``sample_token_logprobs`` are log q, ``Rollout.sampler`` names the copy, and the
+recipes weight each sequence by pi/q (``tilt.math.mismatch``), which keeps their estimators unbiased.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -19,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from tilt.engine.fast_sampler import SAMPLERS, FastSampler, resolve_sampler
 from tilt.math.masking import completion_mask_from_eos
 from tilt.math.categorical import sample_from_logits
 from tilt.math.sampling import sampling_uniforms
@@ -31,10 +37,23 @@ class SamplingConfig:
     temperature: float = field(default=1.0, metadata={"help": "1.0 samples the policy itself; other values sample a tempered policy"})
     top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens; 0 = off (exact sampling)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass; 1.0 = off (exact sampling)"})
+    sampler: str = field(default="exact", metadata={"help": (
+        "which copy of the model draws the completions: 'exact' (the model itself; the default until the corrected fast "
+        "sampler's reward after 20 steps is shown within noise of exact sampling on the embedded model, docs/performance.md), "
+        "'int8' (linear layers int8, CPU), 'fp16' (linear weights packed as float16, CPU), 'bf16' (a bfloat16 copy), or "
+        "'auto' (fp16 on CPU, bf16 on a GPU with bfloat16, where the model is large enough; else exact; "
+        "tilt.engine.fast_sampler). Recipes weight a reduced-precision sampler's samples by pi/q")})
+    sampler_refresh_steps: int = field(default=0, metadata={"help": (
+        "refresh the fast sampler's copy after every N-th optimizer step; 0 = when refreshing costs at most 20% of the "
+        "time spent sampling (a stale copy is still corrected exactly by pi/q; tilt.engine.fast_sampler)")})
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.temperature <= 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"invalid sampling settings {self}: need max_new_tokens >= 1, temperature > 0, top_k >= 0, 0 < top_p <= 1")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampling.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.sampler_refresh_steps < 0:
+            raise ValueError(f"sampling.sampler_refresh_steps must be >= 0 (0 = by cost), got {self.sampler_refresh_steps}")
 
     @property
     def exact(self) -> bool:
@@ -85,6 +104,8 @@ class HFPolicy:
         self.eos_ids = eos_token_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.eos_ids[0]
+        self.sampler_kind, self.sampler_reason = resolve_sampler(sampling.sampler, model)  # 'exact', 'int8', 'fp16' or 'bf16'
+        self.fast_sampler = FastSampler(model, self.sampler_kind, sampling.sampler_refresh_steps) if self.sampler_kind != "exact" else None
 
     def parameters(self):
         return self.model.parameters()
@@ -130,15 +151,22 @@ class HFPolicy:
         EOS mask discards at the end.
         """
         k = samples_per_prompt
+        # the model that decodes: the policy itself, or its reduced-precision copy q (refreshed if the weights changed)
+        started = time.perf_counter()
+        refreshes = self.fast_sampler.refreshes if self.fast_sampler is not None else 0
+        decoder = self.model if self.fast_sampler is None else self.fast_sampler.model_for_sampling(self.model)
+        refreshed = self.fast_sampler is not None and self.fast_sampler.refreshes > refreshes
         distinct_ids, distinct_mask = self.encode_prompts(prompts)  # (P, Tp)
         prompt_ids = distinct_ids.repeat_interleave(k, 0)  # (B, Tp)
         prompt_mask = distinct_mask.repeat_interleave(k, 0)
         uniforms = sampling_uniforms(len(prompts), k, self.sampling.max_new_tokens, generator=generator, prompt_seeds=prompt_seeds).to(self.device)  # (B, T)
-        raw_ids, raw_logps = self._generate(distinct_ids, distinct_mask, k, uniforms)
+        raw_ids, raw_logps = self._generate(distinct_ids, distinct_mask, k, uniforms, decoder=decoder)
         eos = torch.tensor(self.eos_ids, device=self.device)
         completion_mask, truncated = completion_mask_from_eos(raw_ids, eos)  # (B, T)
         completion_ids = raw_ids.masked_fill(~completion_mask, self.pad_id)
         sample_token_logprobs = raw_logps.masked_fill(~completion_mask, 0.0)
+        if self.fast_sampler is not None:
+            self.fast_sampler.record_sampling(time.perf_counter() - started - (self.fast_sampler.last_refresh_seconds if refreshed else 0.0))
         return Rollout(
             prompts=[p for p in prompts for _ in range(samples_per_prompt)],
             completions=self.decode(completion_ids, completion_mask),
@@ -149,20 +177,26 @@ class HFPolicy:
             truncated=truncated,
             sample_token_logprobs=sample_token_logprobs,
             samples_per_prompt=samples_per_prompt,
-            sampled_from_policy=self.sampling.exact,
+            sampled_from_policy=self.sampling.exact and self.fast_sampler is None,
+            sampler=self.sampler_kind,
+            sampler_refresh_seconds=self.fast_sampler.last_refresh_seconds if refreshed else 0.0,
         )
 
-    def _generate(self, distinct_ids: Tensor, distinct_mask: Tensor, k: int, uniforms: Tensor) -> tuple[Tensor, Tensor]:
+    def _generate(self, distinct_ids: Tensor, distinct_mask: Tensor, k: int, uniforms: Tensor, *,
+                  decoder=None) -> tuple[Tensor, Tensor]:
         """The decoding loop of ``sample``: ``k`` continuations of each left-padded row of ``distinct_ids`` (P, Tp), one
-        token per column of ``uniforms`` (P * k, T) at most. Returns raw token ids and their sampling log-probs, both
-        (P * k, steps), steps <= T, unmasked (positions after an EOS hold whatever was drawn)."""
+        token per column of ``uniforms`` (P * k, T) at most, drawn from ``decoder``: the model itself (the default, and
+        always for ``sample_continuations``, whose callers need the exact model) or the fast sampler's copy q. Returns raw
+        token ids and their sampling log-probs, both (P * k, steps), steps <= T, unmasked (positions after an EOS hold
+        whatever was drawn)."""
+        decoder = self.model if decoder is None else decoder
         b, tp, t_max = distinct_ids.shape[0] * k, distinct_ids.shape[1], uniforms.shape[1]
         prompt_mask = distinct_mask.repeat_interleave(k, 0)
         eos = torch.tensor(self.eos_ids, device=self.device)
         distinct_positions = (distinct_mask.long().cumsum(-1) - 1).clamp(min=0)  # (P, Tp)
         cache = DynamicCache()
-        out = self.model(input_ids=distinct_ids, attention_mask=distinct_mask.long(), position_ids=distinct_positions,
-                         cache=cache, use_cache=True, logits_to_keep=1)
+        out = decoder(input_ids=distinct_ids, attention_mask=distinct_mask.long(), position_ids=distinct_positions,
+                      cache=cache, use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1, :].float().repeat_interleave(k, 0)  # (B, V)
         if k > 1:
             cache.batch_repeat_interleave(k)
@@ -187,8 +221,8 @@ class HFPolicy:
                 keep = (~ended).nonzero().squeeze(-1)  # (b_next,)
                 cache.batch_select_indices(keep)
                 rows, y, next_position, ended = rows[keep], y[keep], next_position[keep], ended[keep]
-            out = self.model(input_ids=y.unsqueeze(-1), attention_mask=attention[rows, : tp + t + 1], position_ids=next_position,
-                             cache=cache, use_cache=True)
+            out = decoder(input_ids=y.unsqueeze(-1), attention_mask=attention[rows, : tp + t + 1], position_ids=next_position,
+                          cache=cache, use_cache=True)
             logits = out.logits[:, -1, :].float()  # (b, V)
             next_position = next_position + 1
         return raw_ids[:, :steps], raw_logps[:, :steps]

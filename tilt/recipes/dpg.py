@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from tilt import distributed
-from tilt.math import importance
+from tilt.math import importance, mismatch
 from tilt.math.fdiv import DIVERGENCES, f_divergence_loss, importance_weights, log_density_ratio, pseudo_reward, weighted_leave_one_out_baseline
 from tilt.math.masking import masked_sum
 from tilt.recipes.common import (ConstantRewardWatch, build_optimizer, frac_zero_std, grad_norm_and_clip, learning_rate, lr_factor,
@@ -218,6 +218,7 @@ def dpg_step(
         "learning_rate": learning_rate(optimizer),
         "frac_reward_zero_std": frac_zero_std(rewards_all.view(-1, k)),
         "proposal_updates": float(state.proposal_updates),
+        **mismatch.mismatch_metrics(mismatch.log_ratio(log_pi_all, log_q_all).view(-1, k), cap=mismatch.DEFAULT_CAP),  # the sampler q against pi
     }
     if log_diagnostics:
         metrics.update(importance.target_metrics(log_p_all.view(-1, k), log_q_all.view(-1, k), log_pi_all.view(-1, k)))

@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from tilt import distributed
-from tilt.math import importance
+from tilt.math import importance, mismatch
 from tilt.math.kl import KL_ESTIMATORS, sequence_kl, token_kl
 from tilt.math.masking import masked_sum
 from tilt.math.pg import kl_shaped_reward, leave_one_out_advantage, ppo_clip_loss, reinforce_loss
@@ -78,12 +78,19 @@ class KLRLConfig:
                                                             "Ziegler et al. 2019's proportional controller, starting from beta; 0 = beta fixed"})
     kl_horizon: float = field(default=10000.0, metadata={"help": "controller horizon: gain = sequences per step / horizon; 10000 as in Ziegler et al.'s code and TRL"})
     kl_budget: float = field(default=0.0, metadata={"help": "stop once a step's KL(pi || pi_ref) estimate exceeds this many nats (docs/kl_rl.md says which checkpoint to keep); 0 = no budget"})
+    importance_weighting: str = field(default="truncated", metadata={"help": (
+        "weights pi/q of samples drawn by a fast sampler q (sampling.sampler int8/fp16/bf16): 'truncated' (min(w, importance_cap); "
+        "Yao et al. 2025), 'self-normalised' (within a prompt's samples) or 'none' (biased; for comparison); tilt.math.mismatch")})
+    importance_cap: float = field(default=2.0, metadata={"help": "cap of the truncated weights; 2 as in Yao et al. 2025 and TRL's vllm_importance_sampling_cap"})
 
     def __post_init__(self):
         if self.kl_target < 0 or self.kl_budget < 0 or not self.kl_horizon > 0:
             raise ValueError(f"need kl_target >= 0, kl_budget >= 0 and kl_horizon > 0; got {self.kl_target}, {self.kl_budget}, {self.kl_horizon}")
         if self.kl_target > 0 and self.beta == 0:
             raise ValueError("kl_target adapts beta multiplicatively, so it cannot start from beta = 0: give an initial beta > 0")
+        if self.importance_weighting not in mismatch.WEIGHTINGS or self.importance_cap < 1:
+            raise ValueError(f"importance_weighting must be one of {mismatch.WEIGHTINGS} and importance_cap >= 1, "
+                             f"got {self.importance_weighting!r}, {self.importance_cap}")
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         if self.samples_per_prompt < 2:
@@ -133,26 +140,38 @@ def kl_rl_step(
     rewards = scores.total  # (B,) the weighted sum of the reward functions
 
     ref_tok = score_tokens(ref, rollout, config.micro_batch_size)  # (B, T)
+    parts = micro_batches(len(rollout), config.micro_batch_size)
+    graded_tok = None  # the update's own forward pass, when it can also supply pi's log-probs
     if rollout.sampled_from_policy:
         old_tok = rollout.sample_token_logprobs  # equal to the scorer's to float precision (tested)
+    elif rollout.from_proposal and config.ppo_epochs == 1 and len(parts) == 1:
+        graded_tok = policy.token_logprobs(rollout)  # (B, T) with grad: pi's log-probs come free with the update's pass
+        old_tok = graded_tok.detach()
     else:
         old_tok = score_tokens(policy, rollout, config.micro_batch_size)
     old_seq, ref_seq = masked_sum(old_tok, mask), masked_sum(ref_tok, mask)  # (B,)
+    q_seq = rollout.sample_seq_logprobs.to(old_seq.dtype)  # (B,) log q: the sampler's (= old_seq when q = pi)
     rewards = rewards.to(old_seq.dtype)
 
     beta_in_reward = config.beta if config.kl_penalty == "reward" else 0.0
     shaped = kl_shaped_reward(rewards, old_seq, ref_seq, beta=beta_in_reward)  # (B,)
-    advantages = leave_one_out_advantage(shaped.view(-1, k)).view(-1)  # (B,)
+    seq_weights = None  # (B,) pi/q per sequence (tilt.math.mismatch) when a fast sampler q drew the samples
+    if rollout.from_proposal:
+        group_weights = mismatch.sequence_weights(mismatch.log_ratio(old_seq, q_seq).view(-1, k), weighting=config.importance_weighting,
+                                                  cap=config.importance_cap)  # (P, K)
+        advantages = mismatch.weighted_leave_one_out_advantage(shaped.view(-1, k), group_weights).view(-1)  # (B,)
+        seq_weights = group_weights.view(-1)
+    else:
+        advantages = leave_one_out_advantage(shaped.view(-1, k)).view(-1)  # (B,)
     estimator = KL_ESTIMATORS[config.kl_estimator]
 
     totals = {"loss": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0}
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    parts = micro_batches(len(rollout), config.micro_batch_size)
     for _epoch in range(config.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
         for i, part in enumerate(parts):
             sub = rollout.take(part)
-            tok = policy.token_logprobs(sub)  # (b, T) with grad
+            tok = graded_tok if graded_tok is not None else policy.token_logprobs(sub)  # (b, T) with grad
             if config.ppo_epochs == 1:
                 per_seq = reinforce_loss(tok, advantages[part], sub.completion_mask)
                 clipped = torch.zeros(())
@@ -165,6 +184,8 @@ def kl_rl_step(
                 else:
                     kl = token_kl(estimator, tok, ref_tok[part], sub.completion_mask)
                 per_seq = per_seq + config.beta * kl
+            if seq_weights is not None:
+                per_seq = seq_weights[part] * per_seq  # E_q[(pi/q) loss] = E_pi[loss]
             loss = per_seq.sum() / n_seq  # the one reduction: mean over the step's sequences (of all ranks)
             with distributed.accumulate(policy, sync=i == len(parts) - 1):
                 loss.backward()
@@ -178,15 +199,15 @@ def kl_rl_step(
 
     # metrics over the whole step: per-sequence values of every rank, in global batch order
     lengths = mask.sum(-1)  # (B,)
-    rewards, old_seq, ref_seq, advantages, lengths, truncated = distributed.all_gather_cat(
-        rewards, old_seq, ref_seq, advantages, lengths, rollout.truncated
+    rewards, old_seq, ref_seq, q_seq, advantages, lengths, truncated = distributed.all_gather_cat(
+        rewards, old_seq, ref_seq, q_seq, advantages, lengths, rollout.truncated
     )
 
     kl_seq = old_seq - ref_seq  # (B,) k1 per sequence on fresh samples
     posterior = {}
-    if config.beta > 0:  # how far pi is from pi*, by importance sampling on the step's own samples (q = pi)
+    if config.beta > 0:  # how far pi is from pi*, by importance sampling on the step's own samples (proposal: the sampler q)
         target_log_weights = ref_seq + rewards / config.beta  # (B,) log pi_ref + r / beta
-        grouped = [x.view(-1, k) for x in (target_log_weights, old_seq, old_seq)]
+        grouped = [x.view(-1, k) for x in (target_log_weights, q_seq, old_seq)]
         posterior = importance.target_metrics(*grouped)
     return {
         "reward": rewards.mean().item(),
@@ -203,6 +224,8 @@ def kl_rl_step(
         **totals,
         **posterior,
         **function_metrics(scores),
+        **mismatch.mismatch_metrics(mismatch.log_ratio(old_seq, q_seq).view(-1, k), cap=config.importance_cap),
+        "sampler/refresh_seconds": rollout.sampler_refresh_seconds,
     }
 
 

@@ -51,7 +51,7 @@ import torch
 from torch import Tensor
 
 from tilt import distributed
-from tilt.math import importance
+from tilt.math import importance, mismatch
 from tilt.math.masking import masked_sum
 from tilt.math.preference import dpo_sigmoid_loss, implicit_reward, ipo_loss, xpo_bonus
 from tilt.preferences import TIE, BradleyTerry, PreferenceOracle
@@ -127,6 +127,9 @@ class LabelledPairs:
     b_from_ref: bool  # True when B was drawn from pi_ref (its log-prob carries the XPO bonus)
     rewards_a: Tensor | None = None  # (B,) latent reward r(A) of a Bradley-Terry oracle (target diagnostics); else None
     rewards_b: Tensor | None = None  # (B,) r(B), likewise
+    # (B,) log of each pair's importance weight [p(A)/q(A)] [p(B)/q(B)] when a fast sampler q drew A or B (p: the model
+    # it stands for, tilt.math.mismatch), computed at collection; None when both were drawn by their models themselves
+    log_weight: Tensor | None = None
 
 
 @torch.no_grad()
@@ -160,7 +163,13 @@ def collect_pairs(config: OnlineDPOConfig, policy: Policy, ref: Policy, oracle: 
         raise ValueError(f"the oracle returned shape {tuple(labels.shape)} for {len(a)} pairs; it must return one label per pair")
     ref_a = masked_sum(ref.token_logprobs(a), a.completion_mask)
     ref_b = masked_sum(ref.token_logprobs(b), b.completion_mask)
-    return LabelledPairs(a, b, labels, ref_a, ref_b, b_from_ref=config.scheme != "online-dpo", rewards_a=rewards_a, rewards_b=rewards_b)
+    log_weight = None
+    if a.from_proposal or b.from_proposal:  # pi_t's (and pi_ref's) log-probs now, so stored pairs keep pi_t / q_t
+        pi_a = masked_sum(policy.token_logprobs(a), a.completion_mask) if a.from_proposal else a.sample_seq_logprobs
+        p_b = (ref_b if config.scheme != "online-dpo" else masked_sum(policy.token_logprobs(b), b.completion_mask)) if b.from_proposal else b.sample_seq_logprobs
+        log_weight = mismatch.log_ratio(pi_a, a.sample_seq_logprobs) + mismatch.log_ratio(p_b, b.sample_seq_logprobs)  # (B,)
+    return LabelledPairs(a, b, labels, ref_a, ref_b, b_from_ref=config.scheme != "online-dpo", rewards_a=rewards_a, rewards_b=rewards_b,
+                         log_weight=log_weight)
 
 
 def pair_losses(config: OnlineDPOConfig, policy: Policy, pairs: LabelledPairs, *, alpha: float, beta: float) -> tuple[Tensor, dict[str, Tensor]]:
@@ -173,6 +182,9 @@ def pair_losses(config: OnlineDPOConfig, policy: Policy, pairs: LabelledPairs, *
     ref_chosen, ref_rejected = torch.where(a_wins, pairs.ref_a, pairs.ref_b), torch.where(a_wins, pairs.ref_b, pairs.ref_a)
     preference = torch.where(decided, LOSSES[config.loss_type](chosen, rejected, ref_chosen, ref_rejected, beta=beta), 0.0)
     bonus = xpo_bonus(lp_b, alpha=alpha) if pairs.b_from_ref else torch.zeros_like(preference)
+    if pairs.log_weight is not None:  # E_q[w loss] = E_p[loss]: weights truncated at the cap KL-RL uses by default
+        weight = mismatch.truncated_weights(pairs.log_weight, cap=mismatch.DEFAULT_CAP).to(preference.dtype)
+        preference, bonus = weight * preference, weight * bonus
     with torch.no_grad():
         parts = {
             "preference_loss": preference.detach(),
@@ -337,6 +349,8 @@ def train(
             policy_sample_win_rate=labels.mean().item(),
             tie_fraction=(labels == TIE).to(torch.float64).mean().item(),
             kl_ref=kl_ref_estimate(pairs),
+            **(mismatch.mismatch_metrics(distributed.all_gather_cat(pairs.log_weight)[0].view(1, -1), cap=mismatch.DEFAULT_CAP)
+               if pairs.log_weight is not None else {}),
         )
         # no learning signal in a pair: equal latent rewards (Bradley-Terry), else a tie of the oracle
         no_signal = distributed.all_gather_cat(pairs.rewards_a == pairs.rewards_b)[0] if pairs.rewards_a is not None else (labels == TIE)
