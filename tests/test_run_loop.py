@@ -32,6 +32,10 @@ def world(tmp_path_factory):
                   "kl_rl": {"steps": 4, "prompts_per_step": 2, "samples_per_prompt": 2, "lr": "1e-2", "seed": 1},
                   "sampling": {"max_new_tokens": 4}},
         "dpo": {"run": {**common, "preferences": "pairs.jsonl"}, "dpo": {"epochs": 2, "pairs_per_step": 3, "lr": "1e-2"}},
+        "apo": {"run": {**common, "prompts": "prompts.jsonl", "reward": "regex:[aeiou]", "sample_every": 2},
+                "apo": {"steps": 4, "prompts_per_step": 2, "samples_per_prompt": 2, "value_samples": 4, "beta": 0.5,
+                        "value_beta": 0.5, "lr": "1e-2", "seed": 1},
+                "sampling": {"max_new_tokens": 4}},
         "reward-model": {"run": {**common, "preferences": "pairs.jsonl"},
                          "reward_model": {"epochs": 2, "pairs_per_step": 2, "lr": "1e-2"}, "eval": {"held_out": 0.2}},
     }
@@ -40,7 +44,8 @@ def world(tmp_path_factory):
     return root
 
 
-RECIPE_MODULES = {"kl-rl": "tilt.recipes.kl_rl", "dpo": "tilt.recipes.dpo", "reward-model": "tilt.recipes.reward_model"}
+RECIPE_MODULES = {"kl-rl": "tilt.recipes.kl_rl", "dpo": "tilt.recipes.dpo", "reward-model": "tilt.recipes.reward_model",
+                  "apo": "tilt.recipes.apo"}
 
 
 def sigterm_at(monkeypatch, command: str, at_step: int) -> None:
@@ -67,7 +72,7 @@ def weights(folder):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["kl-rl", "dpo", "reward-model"])
+@pytest.mark.parametrize("command", ["kl-rl", "dpo", "reward-model", "apo"])
 def test_sigterm_checkpoints_exits_143_and_the_resume_reproduces_the_uninterrupted_run(world, tmp_path, monkeypatch, capsys, command):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     config = str(world / f"{command}.yaml")

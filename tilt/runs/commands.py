@@ -389,6 +389,96 @@ def train_reward_model(config: dict, secs: dict, run_dir: Path, *, resume: bool,
     return {**summary, "run_dir": str(out), "final": str(final), "use_as_reward": f"--reward {final}"}
 
 
+# --- bond / bonbon / apo / qrpo ---------------------------------------------------------------------------------------
+SHOWN = {"bond": ("loss", "kl_bon", "kl_ref"), "bonbon": ("loss", "margin", "best_reward"),
+         "apo": ("loss", "reward", "residual_abs"), "qrpo": ("loss", "quantile", "residual_abs")}
+"""The metrics the progress bar shows, per command (every metric goes to metrics.jsonl)."""
+SUMMARY_KEYS = ("loss", "kl_ref", "kl_bon", "bon_reward", "best_reward", "worst_reward", "margin", "reward", "quantile",
+                "raw_reward", "residual_abs")
+
+
+def reference_phase(command: str, cfg, ref, reward_fn, prompts) -> tuple[int, Any]:
+    """(reference samples drawn, function of the counting reference -> the recipe's extra keyword arguments) of the
+    phase that samples and scores pi_ref once before the first step: A*-PO's V*, QRPO's and BOND's CDF. Each is what
+    the recipe itself builds from the same seed (so a resumed run rebuilds it identically and no checkpoint holds it);
+    the run only draws it outside the recipe to show progress and stop cleanly on SIGTERM. BoNBoN has no such phase."""
+    from tilt.infalign import distinct_prompts
+
+    count = len(distinct_prompts(prompts))
+    if command == "apo":
+        from tilt.recipes.apo import estimate_values
+
+        return cfg.value_samples * count, lambda counted: {"values": estimate_values(cfg, counted, reward_fn, prompts)}
+    if command == "qrpo":
+        from tilt.recipes.qrpo import build_cdf
+
+        return cfg.calibration_samples * count, lambda counted: {"cdf": build_cdf(cfg, counted, reward_fn, prompts)}
+    if command == "bond" and cfg.jeffreys_weight > 0:
+        from tilt.bon_target import SampleCDF
+        from tilt.infalign import build_calibration
+
+        return cfg.calibration_samples * count, lambda counted: {"cdf": SampleCDF(build_calibration(
+            counted, reward_fn, distinct_prompts(prompts), cfg.calibration_samples, seed=cfg.calibration_seed))}
+    return 0, lambda counted: {}
+
+
+def train_distilled(config: dict, secs: dict, run_dir: Path, *, resume: bool, signals: Signals, resume_flags=(),
+                    stack=None) -> int | dict:
+    """tilt train bond | bonbon | apo | qrpo: recipes of the form ``train(config, policy, ref, reward_fn, prompts, *,
+    optimizer, start_step, on_step)``, one process. A checkpoint holds the policy and the optimizer: everything else
+    they use (V*, the calibration samples, each step's prompts and samples) is a pure function of the config's seeds
+    and of the frozen reference, rebuilt on resume."""
+    import importlib
+
+    from tilt import distributed
+    from tilt.recipes.common import build_optimizer
+
+    command = config["recipe"]
+    recipe = importlib.import_module(f"tilt.recipes.{command}")
+    run, cfg, sampling, lora = secs["run"], secs[command], secs["sampling"], secs["lora"]
+    run.require(command, ("model", "reward", "prompts"))
+    if distributed.launched():  # before anything is written: the recipe does not shard its steps
+        raise ValueError(f"tilt train {command} runs in one process (its recipe does not shard steps across ranks); "
+                         "launch it without torchrun or with --nproc_per_node 1")
+    check_models(run)
+    checkpoint, start = runs.prepare_resume(run_dir) if resume else (None, 0)
+    policy, ref, tokenizer = load_policy_and_ref(run, lora, sampling, checkpoint)
+    reward_fn = build_reward(run)
+    prompts = _prompts(run.prompts, secs["data"], tokenizer)
+    initial = first_samples(policy, reward_fn, prompts, run.sample_prompts, cfg.seed) if not resume else []
+    out = _open(run_dir, config, resume, initial, stack=stack)
+    steps = recipe.num_steps(cfg)
+    optimizer = build_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad], cfg.lr)
+    restore(checkpoint, optimizer, steps, start)
+    loop = RunLoop(command, out, steps=steps, start=start, signals=signals, tracker=runs.open_tracker(run.tracker, out, config),
+                   save=_save_fn(out, lambda: policy.model, tokenizer, optimizer, run.keep_checkpoints, lambda: {"recipe": command}),
+                   checkpoint_every=run.checkpoint_every, sample_every=run.sample_every,
+                   sample=lambda step: draw_samples(policy, reward_fn, prompts, run.sample_prompts, cfg.seed, step),
+                   shown=SHOWN[command], resume_flags=resume_flags)
+    total, phase = reference_phase(command, cfg, ref, reward_fn, prompts)
+    kwargs: dict[str, Any] = {}
+    if total and start < steps:
+        counted = PhaseProgress(ref, total, "reference samples", signals, start)
+        try:
+            kwargs = phase(counted)
+        except Stop:
+            counted.close()
+            return loop.stopped(start)
+        counted.close()
+    code = loop.run(lambda on_step: recipe.train(cfg, policy, ref, reward_fn, prompts, optimizer=optimizer, start_step=start,
+                                                 on_step=on_step, **kwargs))
+    if code is not None:
+        return code
+    final = runs.save_final(out, final_model(policy.model), tokenizer)
+    rows = runs.read_jsonl(out / "metrics.jsonl")
+    summary: dict[str, Any] = {"steps": steps}
+    if rows:
+        summary.update({k: rows[-1][k] for k in SUMMARY_KEYS if k in rows[-1]})
+    runs.write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    return {**summary, "run_dir": str(out), "final": str(final)}
+
+
 ASSEMBLIES = {"kl-rl": train_kl_rl, "dpo": train_dpo, "online-dpo": train_online, "xpo": train_online,
-              "reward-model": train_reward_model}
+              "reward-model": train_reward_model, "bond": train_distilled, "bonbon": train_distilled,
+              "apo": train_distilled, "qrpo": train_distilled}
 """The single-recipe commands (the pipelines are in tilt.pipelines.demo_rl)."""
