@@ -54,9 +54,10 @@ def _prompts(path: str, data_config, tokenizer) -> list:
     return [row["prompt"] for row in load_data(path, data_config, tokenizer=tokenizer).rows]
 
 
-def _save_fn(run: Path, policy_model, tokenizer, optimizer, keep: int, extra_fn):
+def _save_fn(run: Path, policy_model, tokenizer, optimizer, keep: int, extra_fn, tensors_fn=None):
     def save(step: int) -> None:
-        runs.save_checkpoint(run, step, policy_model(), tokenizer, optimizer, keep=keep, extra=extra_fn())
+        runs.save_checkpoint(run, step, policy_model(), tokenizer, optimizer, keep=keep, extra=extra_fn(),
+                             extra_tensors=tensors_fn() if tensors_fn is not None else None)
     return save
 
 
@@ -86,6 +87,13 @@ def train_kl_rl(config: dict, secs: dict, run_dir: Path, *, resume: bool, signal
     optimizer = build_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad], cfg.lr)
     steps = kl_rl.num_steps(cfg)
     restore(checkpoint, optimizer, steps, start, main_rank=main_rank)
+    # the adaptive-beta controller's state goes into every checkpoint and comes back on resume (an exact resume)
+    kl_state = restored_kl_state(cfg, checkpoint)
+    # with a KL budget every step is checkpointed, and the three newest kept, so that the last policy measured within
+    # the budget (two updates before the step that exceeded it; docs/kl_rl.md) is on disk when the budget stops the run
+    budget = cfg.kl_budget > 0
+    checkpoint_every = 1 if budget else run.checkpoint_every
+    keep = max(run.keep_checkpoints, 3) if budget and run.keep_checkpoints else run.keep_checkpoints
     tracker = runs.open_tracker(run.tracker if main_rank else "none", out, config)
     ctrl: dict[str, Any] = {"reward": None}
 
@@ -96,9 +104,9 @@ def train_kl_rl(config: dict, secs: dict, run_dir: Path, *, resume: bool, signal
         return {**metrics, "reward_raw": raw_sum / count, "reward_calibrated": calibrated_sum / count}
 
     loop = RunLoop("kl-rl", out, steps=steps, start=start, signals=signals, tracker=tracker, main_rank=main_rank,
-                   save=_save_fn(out, lambda: distributed.unwrap(policy.model), tokenizer, optimizer, run.keep_checkpoints,
-                                 lambda: {"recipe": "kl-rl"}) if main_rank else (lambda step: None),
-                   checkpoint_every=run.checkpoint_every, sample_every=run.sample_every,
+                   save=_save_fn(out, lambda: distributed.unwrap(policy.model), tokenizer, optimizer, keep,
+                                 lambda: {"recipe": "kl-rl"}, kl_state.state_tensors) if main_rank else (lambda step: None),
+                   checkpoint_every=checkpoint_every, sample_every=run.sample_every,
                    sample=lambda step: draw_samples(policy, reward_fn, prompts, run.sample_prompts, cfg.seed, step),
                    extra=extra, shown=("reward", "kl_ref"), resume_flags=resume_flags, barrier=distributed.barrier)
     train_reward = reward_fn
@@ -119,19 +127,54 @@ def train_kl_rl(config: dict, secs: dict, run_dir: Path, *, resume: bool, signal
             log(f"# calibration: {source}: m = {cal.samples_per_prompt} reference samples for each of {len(cal.prompts)} "
                 f"prompts ({out / CALIBRATION_FILE})\n# training on {calibration.describe()}")
     code = loop.run(lambda on_step: kl_rl.train(cfg, policy, ref, train_reward, prompts, optimizer=optimizer,
-                                                start_step=start, on_step=on_step))
+                                                start_step=start, on_step=on_step, kl_state=kl_state))
     if code is not None:
         return code
     if not main_rank:
         distributed.shutdown()
         return 0
-    final = runs.save_final(out, final_model(distributed.unwrap(policy.model)), tokenizer)
+    summary: dict[str, Any] = {"steps": steps}
+    if kl_state.budget_exceeded_step is None:
+        final = runs.save_final(out, final_model(distributed.unwrap(policy.model)), tokenizer)
+    else:  # RUN/final is the last policy measured within the budget, read back from its checkpoint
+        kept, summary["kl_budget"] = within_budget(cfg, kl_state.budget_exceeded_step)
+        final = None
+        if kept is not None:
+            source = out / runs.CHECKPOINTS / runs.checkpoint_name(kept) if kept else None  # 0: the initial model
+            within = load_policy_and_ref(run, lora, sampling, source, need_ref=False)[0]
+            final = runs.save_final(out, final_model(within.model), tokenizer)
+        log(f"# {summary['kl_budget']}")
     distributed.shutdown()
     rows = runs.read_jsonl(out / "metrics.jsonl")
-    summary: dict[str, Any] = {"steps": steps}
     if rows:
-        summary.update({k: rows[-1][k] for k in ("reward", "kl_ref", "reward_raw", "reward_calibrated") if k in rows[-1]})
-    return {**summary, "run_dir": str(out), "final": str(final)}
+        summary.update({k: rows[-1][k] for k in ("reward", "kl_ref", "reward_raw", "reward_calibrated", "beta") if k in rows[-1]})
+    return {**summary, "run_dir": str(out), "final": str(final) if final is not None else None}
+
+
+def restored_kl_state(cfg, checkpoint: Path | None):
+    """The KL controller's state (``KLControlState``): the config's beta on a fresh run, the checkpoint's on resume
+    (refused, naming the missing tensor, when an adaptive-beta run's checkpoint lacks it)."""
+    from tilt.recipes.common import KLControlState
+
+    if checkpoint is None:
+        return KLControlState(beta=cfg.beta)
+    _, tensors = runs.load_trainer_state(checkpoint)
+    if cfg.kl_target == 0 and "kl_control.beta" not in tensors:  # a fixed beta: nothing to restore
+        return KLControlState(beta=cfg.beta)
+    return KLControlState.from_tensors(tensors)
+
+
+def within_budget(cfg, exceeded: int) -> tuple[int | None, str]:
+    """(updates done by the last policy measured within the KL budget, or None when even the initial one was not;
+    the summary's sentence). Step ``exceeded`` (0-based) measured the policy after ``exceeded`` updates; the one before
+    it was measured by step ``exceeded - 1`` (tilt.recipes.kl_rl.train)."""
+    if exceeded == 0:
+        return None, (f"stopped at step 1: the initial policy's KL estimate already exceeds kl_budget {cfg.kl_budget}; "
+                      "no final model is written")
+    kept = exceeded - 1
+    where = f"checkpoint {runs.checkpoint_name(kept)}" if kept else "the initial model"
+    return kept, (f"stopped by kl_budget {cfg.kl_budget} at step {exceeded + 1} (metrics row {exceeded + 1}); final/ holds the "
+                  f"last policy measured within the budget, after {kept} updates ({where}), not the newest checkpoint")
 
 
 # --- dpo --------------------------------------------------------------------------------------------------------------
