@@ -54,6 +54,19 @@ def _prompts(path: str, data_config, tokenizer) -> list:
     return [row["prompt"] for row in load_data(path, data_config, tokenizer=tokenizer).rows]
 
 
+def _replicated(model):
+    """``model`` for several processes (``torchrun``): rank 0's weights broadcast to every rank, then wrapped in DDP
+    (the recipes reduce the gradients themselves, tilt.distributed); in one process, ``model`` unchanged."""
+    from tilt import distributed
+
+    return distributed.wrap_ddp(distributed.replicate(model))
+
+
+def _save_on_main(main_rank: bool, save):
+    """``save`` on rank 0, a no-op elsewhere (rank 0 writes every checkpoint; the loop's barrier keeps ranks together)."""
+    return save if main_rank else (lambda step: None)
+
+
 def _save_fn(run: Path, policy_model, tokenizer, optimizer, keep: int, extra_fn, tensors_fn=None):
     def save(step: int) -> None:
         runs.save_checkpoint(run, step, policy_model(), tokenizer, optimizer, keep=keep, extra=extra_fn(),
@@ -83,7 +96,7 @@ def train_kl_rl(config: dict, secs: dict, run_dir: Path, *, resume: bool, signal
     initial = first_samples(policy, reward_fn, prompts, run.sample_prompts, cfg.seed) if not resume and main_rank else []
     out = _open(run_dir, config, resume, initial, stack=stack) if main_rank else run_dir
     distributed.barrier()
-    policy.model = distributed.wrap_ddp(distributed.replicate(policy.model))
+    policy.model = _replicated(policy.model)
     optimizer = build_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad], cfg.lr)
     steps = kl_rl.num_steps(cfg)
     restore(checkpoint, optimizer, steps, start, main_rank=main_rank)
@@ -104,8 +117,8 @@ def train_kl_rl(config: dict, secs: dict, run_dir: Path, *, resume: bool, signal
         return {**metrics, "reward_raw": raw_sum / count, "reward_calibrated": calibrated_sum / count}
 
     loop = RunLoop("kl-rl", out, steps=steps, start=start, signals=signals, tracker=tracker, main_rank=main_rank,
-                   save=_save_fn(out, lambda: distributed.unwrap(policy.model), tokenizer, optimizer, keep,
-                                 lambda: {"recipe": "kl-rl"}, kl_state.state_tensors) if main_rank else (lambda step: None),
+                   save=_save_on_main(main_rank, _save_fn(out, lambda: distributed.unwrap(policy.model), tokenizer, optimizer, keep,
+                                                          lambda: {"recipe": "kl-rl"}, kl_state.state_tensors)),
                    checkpoint_every=checkpoint_every, sample_every=run.sample_every,
                    sample=lambda step: draw_samples(policy, reward_fn, prompts, run.sample_prompts, cfg.seed, step),
                    extra=extra, shown=("reward", "kl_ref"), resume_flags=resume_flags, barrier=distributed.barrier)
@@ -133,7 +146,7 @@ def train_kl_rl(config: dict, secs: dict, run_dir: Path, *, resume: bool, signal
     if not main_rank:
         distributed.shutdown()
         return 0
-    summary: dict[str, Any] = {"steps": steps}
+    summary: dict[str, Any] = {"steps": steps, "world_size": distributed.world_size()}
     if kl_state.budget_exceeded_step is None:
         final = runs.save_final(out, final_model(distributed.unwrap(policy.model)), tokenizer)
     else:  # RUN/final is the last policy measured within the budget, read back from its checkpoint
@@ -214,12 +227,15 @@ def pair_margins(policy, pairs, ref_logprobs, beta: float, micro_batch_size: int
 
 def train_dpo(config: dict, secs: dict, run_dir: Path, *, resume: bool, signals: Signals, resume_flags=(),
                 stack=None) -> int | dict:
+    from tilt import distributed
     from tilt.data import load_data
     from tilt.recipes import dpo
     from tilt.recipes.common import build_optimizer
 
     run, cfg, lora = secs["run"], secs["dpo"], secs["lora"]
     run.require("dpo", ("model", "preferences"))
+    distributed.init()  # under torchrun (WORLD_SIZE > 1) only
+    main_rank = distributed.is_main()
     check_models(run)
     checkpoint, start = runs.prepare_resume(run_dir) if resume else (None, 0)
     policy, ref, tokenizer = load_policy_and_ref(run, lora, None, checkpoint)
@@ -233,24 +249,33 @@ def train_dpo(config: dict, secs: dict, run_dir: Path, *, resume: bool, signals:
     if not resume:
         margin, accuracy = pair_margins(policy, pairs, ref_logprobs, cfg.beta, cfg.micro_batch_size)
         before = {"reward_margin_before": margin, "accuracy_before": accuracy}
-    out = _open(run_dir, config, resume, before=before, stack=stack)
+    out = _open(run_dir, config, resume, before=before, stack=stack) if main_rank else run_dir
+    distributed.barrier()
+    policy.model = _replicated(policy.model)
     steps = dpo.num_steps(cfg, len(pairs))
     optimizer = build_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad], cfg.lr)
-    restore(checkpoint, optimizer, steps, start)
-    loop = RunLoop("dpo", out, steps=steps, start=start, signals=signals, tracker=runs.open_tracker(run.tracker, out, config),
-                   save=_save_fn(out, lambda: policy.model, tokenizer, optimizer, run.keep_checkpoints, lambda: {"recipe": "dpo"}),
+    restore(checkpoint, optimizer, steps, start, main_rank=main_rank)
+    loop = RunLoop("dpo", out, steps=steps, start=start, signals=signals, main_rank=main_rank, barrier=distributed.barrier,
+                   tracker=runs.open_tracker(run.tracker if main_rank else "none", out, config),
+                   save=_save_on_main(main_rank, _save_fn(out, lambda: distributed.unwrap(policy.model), tokenizer, optimizer,
+                                                          run.keep_checkpoints, lambda: {"recipe": "dpo"})),
                    checkpoint_every=run.checkpoint_every, shown=("loss", "reward_margin", "accuracy"), resume_flags=resume_flags)
     code = loop.run(lambda on_step: dpo.train(cfg, policy, policy, pairs, ref_logprobs=ref_logprobs, eval_pairs=eval_pairs,
                                               eval_ref_logprobs=eval_ref_logprobs, optimizer=optimizer, start_step=start,
                                               on_step=on_step))
     if code is not None:
         return code
+    policy.model = distributed.unwrap(policy.model)
+    if not main_rank:
+        distributed.shutdown()
+        return 0
     final = runs.save_final(out, final_model(policy.model), tokenizer)
     margin_after, accuracy_after = pair_margins(policy, pairs, ref_logprobs, cfg.beta, cfg.micro_batch_size)
     before = _before(out)
     summary = {"pairs": len(pairs), "held_out_pairs": len(eval_rows), "steps": steps, "reward_margin_before": before.get("reward_margin_before"),
                "reward_margin_after": margin_after, "accuracy_before": before.get("accuracy_before"),
-               "accuracy_after": accuracy_after}
+               "accuracy_after": accuracy_after, "world_size": distributed.world_size()}
+    distributed.shutdown()
     runs.write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return {**summary, "run_dir": str(out), "final": str(final)}
 
@@ -293,6 +318,7 @@ SCHEMES_OF = {"online-dpo": ("online-dpo", "pairs"), "xpo": ("xpo",)}
 
 def train_online(config: dict, secs: dict, run_dir: Path, *, resume: bool, signals: Signals, resume_flags=(),
                 stack=None) -> int | dict:
+    from tilt import distributed
     from tilt.evaluation import EvalConfig, evaluate
     from tilt.recipes import online_dpo
     from tilt.recipes.common import build_optimizer
@@ -308,17 +334,24 @@ def train_online(config: dict, secs: dict, run_dir: Path, *, resume: bool, signa
     if final_eval.eval_samples_per_prompt and not sampling.exact:
         raise ValueError("the final evaluation needs samples of the policy itself (temperature 1, no top-k/top-p); "
                          "set eval.eval_samples_per_prompt: 0 to train with a modified sampler")
+    if cfg.regime == "cumulative" and distributed.launched():
+        raise ValueError(f"tilt train {command} with regime cumulative runs in one process (each rank's stored pairs would "
+                         "need a checkpoint of their own); use regime fresh under torchrun")
+    distributed.init()  # under torchrun (WORLD_SIZE > 1) only
+    main_rank = distributed.is_main()
     check_models(run)
     checkpoint, start = runs.prepare_resume(run_dir) if resume else (None, 0)
     policy, ref, tokenizer = load_policy_and_ref(run, lora, sampling, checkpoint)
     reward_fn = build_reward(run)
     oracle = build_oracle(secs["labels"], reward_fn)
     prompts = _prompts(run.prompts, secs["data"], tokenizer)
-    initial = first_samples(policy, reward_fn, prompts, run.sample_prompts, cfg.seed) if not resume else []
-    out = _open(run_dir, config, resume, initial, stack=stack)
+    initial = first_samples(policy, reward_fn, prompts, run.sample_prompts, cfg.seed) if not resume and main_rank else []
+    out = _open(run_dir, config, resume, initial, stack=stack) if main_rank else run_dir
+    distributed.barrier()
+    policy.model = _replicated(policy.model)
     steps = online_dpo.num_steps(cfg)
     optimizer = build_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad], cfg.lr)
-    state = restore(checkpoint, optimizer, steps, start)
+    state = restore(checkpoint, optimizer, steps, start, main_rank=main_rank)
     stored: list = []  # the cumulative regime's pairs, appended to by the recipe, saved with every checkpoint
     if state is not None and cfg.regime == "cumulative":
         if "stored_pairs" not in state["extra"]:
@@ -328,8 +361,10 @@ def train_online(config: dict, secs: dict, run_dir: Path, *, resume: bool, signa
     def extra() -> dict:
         return {"recipe": command, **({"stored_pairs": stored_pairs_extra(stored)} if cfg.regime == "cumulative" else {})}
 
-    loop = RunLoop(command, out, steps=steps, start=start, signals=signals, tracker=runs.open_tracker(run.tracker, out, config),
-                   save=_save_fn(out, lambda: policy.model, tokenizer, optimizer, run.keep_checkpoints, extra),
+    loop = RunLoop(command, out, steps=steps, start=start, signals=signals, main_rank=main_rank, barrier=distributed.barrier,
+                   tracker=runs.open_tracker(run.tracker if main_rank else "none", out, config),
+                   save=_save_on_main(main_rank, _save_fn(out, lambda: distributed.unwrap(policy.model), tokenizer, optimizer,
+                                                          run.keep_checkpoints, extra)),
                    checkpoint_every=run.checkpoint_every, sample_every=run.sample_every,
                    sample=lambda step: draw_samples(policy, reward_fn, prompts, run.sample_prompts, cfg.seed, step),
                    shown=("loss", "policy_sample_win_rate", "kl_ref"), resume_flags=resume_flags)
@@ -337,9 +372,14 @@ def train_online(config: dict, secs: dict, run_dir: Path, *, resume: bool, signa
                                                      start_step=start, stored=stored, on_step=on_step))
     if code is not None:
         return code
+    policy.model = distributed.unwrap(policy.model)
+    world = distributed.world_size()
+    distributed.shutdown()
+    if not main_rank:
+        return 0
     final = runs.save_final(out, final_model(policy.model), tokenizer)
     rows = runs.read_jsonl(out / "metrics.jsonl")
-    summary: dict[str, Any] = {"steps": steps, "scheme": cfg.scheme}
+    summary: dict[str, Any] = {"steps": steps, "scheme": cfg.scheme, "world_size": world}
     if rows:
         summary["last_policy_sample_win_rate"] = rows[-1]["policy_sample_win_rate"]
     if final_eval.eval_samples_per_prompt:
@@ -391,8 +431,12 @@ def train_reward_model(config: dict, secs: dict, run_dir: Path, *, resume: bool,
     from tilt.reward_fns import SequenceClassifierReward
     from tilt.runs.setup import pick_device, pick_dtype
 
+    from tilt import distributed
+
     run, cfg, held = secs["run"], secs["reward_model"], secs["eval"]
     run.require("reward-model", ("model", "preferences"))
+    distributed.init()  # under torchrun (WORLD_SIZE > 1) only
+    main_rank = distributed.is_main()
     path = resolve_model_path(run.model)
     if Path(path).is_dir():
         check_safe_weights(path)
@@ -409,22 +453,30 @@ def train_reward_model(config: dict, secs: dict, run_dir: Path, *, resume: bool,
         dtype=pick_dtype(run.dtype, device), trust_remote_code=run.trust_remote_code).to(device)
     reward = SequenceClassifierReward(model, tokenizer, max_length=held.max_length)
     before = {"accuracy_held_out_before": reward_model.accuracy(reward, held_out)} if held_out and not resume else None
-    out = _open(run_dir, config, resume, before=before, stack=stack)
+    out = _open(run_dir, config, resume, before=before, stack=stack) if main_rank else run_dir
+    distributed.barrier()
+    reward.model = _replicated(reward.model)
     steps = reward_model.num_steps(cfg, len(train_pairs))
     optimizer = build_optimizer("adamw", reward.model.parameters(), cfg.lr)
-    restore(checkpoint, optimizer, steps, start)
-    loop = RunLoop("reward-model", out, steps=steps, start=start, signals=signals,
-                   tracker=runs.open_tracker(run.tracker, out, config),
-                   save=_save_fn(out, lambda: reward.model, tokenizer, optimizer, run.keep_checkpoints, lambda: {"recipe": "reward-model"}),
+    restore(checkpoint, optimizer, steps, start, main_rank=main_rank)
+    loop = RunLoop("reward-model", out, steps=steps, start=start, signals=signals, main_rank=main_rank, barrier=distributed.barrier,
+                   tracker=runs.open_tracker(run.tracker if main_rank else "none", out, config),
+                   save=_save_on_main(main_rank, _save_fn(out, lambda: distributed.unwrap(reward.model), tokenizer, optimizer,
+                                                          run.keep_checkpoints, lambda: {"recipe": "reward-model"})),
                    checkpoint_every=run.checkpoint_every, shown=("loss", "accuracy"), resume_flags=resume_flags)
     code = loop.run(lambda on_step: reward_model.train(cfg, reward, train_pairs, optimizer=optimizer, start_step=start,
                                                        on_step=on_step))
     if code is not None:
         return code
+    reward.model = distributed.unwrap(reward.model)
+    world = distributed.world_size()
+    distributed.shutdown()
+    if not main_rank:
+        return 0
     reward.model.eval()
     final = runs.save_final(out, reward.model, tokenizer)
     summary: dict[str, Any] = {"train_pairs": len(train_pairs), "held_out_pairs": len(held_out), "steps": steps,
-                               "accuracy_train": reward_model.accuracy(reward, train_pairs)}
+                               "accuracy_train": reward_model.accuracy(reward, train_pairs), "world_size": world}
     if held_out:
         summary["accuracy_held_out"] = reward_model.accuracy(reward, held_out)
         summary.update(_before(out))
