@@ -228,7 +228,7 @@ def test_a_kl_budget_stops_the_run_and_final_holds_the_last_policy_measured_with
     summary = json.loads(capsys.readouterr().out)
     rows = runs.read_jsonl(capped / "metrics.jsonl")
     assert [r["kl_budget_exceeded"] for r in rows] == [0.0] * s + [1.0]  # stopped at the step that exceeded it
-    assert "last policy measured within the budget" in summary["kl_budget"] and f"after {s - 1} updates" in summary["kl_budget"]
+    assert "last policy measured within the budget" in summary["kl_budget"] and f"the one of step {s - 1} (" in summary["kl_budget"]
     kept, final = weights(free / runs.CHECKPOINTS / runs.checkpoint_name(s - 1)), weights(capped / "final")
     assert kept.keys() == final.keys() and all(torch.equal(kept[k], final[k]) for k in kept)
     newest = weights(capped / runs.CHECKPOINTS / runs.checkpoint_name(s + 1))

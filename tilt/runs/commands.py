@@ -187,7 +187,7 @@ def within_budget(cfg, exceeded: int) -> tuple[int | None, str]:
     kept = exceeded - 1
     where = f"checkpoint {runs.checkpoint_name(kept)}" if kept else "the initial model"
     return kept, (f"stopped by kl_budget {cfg.kl_budget} at step {exceeded + 1} (metrics row {exceeded + 1}); final/ holds the "
-                  f"last policy measured within the budget, after {kept} updates ({where}), not the newest checkpoint")
+                  f"last policy measured within the budget, the one of step {kept} ({where}), not the newest checkpoint")
 
 
 # --- dpo --------------------------------------------------------------------------------------------------------------
