@@ -238,3 +238,83 @@ def test_the_command_line_reports_a_dead_peer_and_exits_3_without_teardown():
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "tilt: error: rank 0 of 2: an all-reduce of metrics failed" in proc.stderr
     assert "teardown reached" not in proc.stdout
+
+
+# --- tilt train under torchrun: the run layer's wiring (replicate + DDP, rank 0 writes, barriers) ---------------------
+def torchrun_tilt(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 --no-python tilt ARGS`` (gloo on CPU) in ``cwd``."""
+    tilt = Path(sys.executable).parent / "tilt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "--no-python", str(tilt), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TILT_DIST_TIMEOUT_S": "20", "PYTHONPATH": str(ROOT)}
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=str(cwd))
+
+
+@pytest.mark.slow
+def test_tilt_train_dpo_under_torchrun_writes_the_one_process_run(tmp_path):
+    """`torchrun --nproc_per_node 2 --no-python tilt train dpo` (gloo, CPU) gives the one-process run's metrics.jsonl and
+    final model; the summary records the world size."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from tilt.cli import main
+    from tilt.engine.tiny import char_tokenizer, tiny_gpt2
+    from tilt.runs import directory as runs
+
+    tok = char_tokenizer()
+    tiny_gpt2(len(tok), n_layer=1, n_embd=16, seed=3).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    rows = [{"prompt": p, "chosen": " aei" + p, "rejected": " bcd"} for p in ["ab", "cd", "ef", "gh", "ij", "kl", "mn", "op"]]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {"run": {"model": "model", "preferences": "pairs.jsonl", "checkpoint_every": 1, "device": "cpu"},
+              "dpo": {"epochs": 1, "pairs_per_step": 4, "lr": "1e-2"}}  # 2 steps of 4 pairs, 2 per rank
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(config))
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["train", "dpo", "--config", str(tmp_path / "dpo.yaml"), "--run-dir", str(one), "--json"]) == 0
+    done = torchrun_tilt(tmp_path, "train", "dpo", "--config", str(tmp_path / "dpo.yaml"), "--run-dir", str(two), "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)  # one JSON object: rank 0's summary (rank 1 prints nothing)
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    single, double = runs.read_jsonl(one / "metrics.jsonl"), runs.read_jsonl(two / "metrics.jsonl")
+    assert [r["step"] for r in double] == [r["step"] for r in single] == [1, 2]
+    for a, b in zip(single, double):
+        assert a.keys() == b.keys()
+        for key in a:
+            if key != "step_time":  # wall clock
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert [s for s, _ in runs.list_checkpoints(two)] == [1, 2]  # rank 0 wrote every checkpoint, once
+    w1, w2 = load_file(str(one / "final" / "model.safetensors")), load_file(str(two / "final" / "model.safetensors"))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_tilt_train_demo_rl_under_torchrun_writes_the_one_process_run(tmp_path, monkeypatch):
+    """The demo-rl pipeline (behaviour cloning, then KL-RL toward the clone, evaluations before and after) on two
+    processes: every stage's metrics and the final evaluation equal the one-process run's (to 1e-4)."""
+    from tilt.cli import main
+    from tilt.engine.tiny import char_tokenizer, tiny_gpt2
+    from tilt.runs import directory as runs
+
+    tok = char_tokenizer()
+    tiny_gpt2(len(tok)).save_pretrained(tmp_path / "tiny-model")  # the example's model folder, as the README makes it
+    tok.save_pretrained(tmp_path / "tiny-model")
+    args = ["train", "demo-rl", "--config", str(ROOT / "examples" / "demo_rl_tiny.yaml"), "--bc.steps", "4", "--rl.steps", "2",
+            "--eval.samples_per_prompt", "2", "--json"]
+    monkeypatch.chdir(tmp_path)  # the example names tiny-model relative to the working directory
+    assert main([*args, "--run-dir", str(tmp_path / "one")]) == 0
+    done = torchrun_tilt(tmp_path, *args, "--run-dir", str(tmp_path / "two"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert summary["world_size"] == 2
+    one = json.loads((tmp_path / "one" / "stages" / "rl" / "stage.json").read_text())
+    for stage, steps in (("bc", 4), ("rl", 2)):
+        single = runs.read_jsonl(tmp_path / "one" / "stages" / stage / "metrics.jsonl")
+        double = runs.read_jsonl(tmp_path / "two" / "stages" / stage / "metrics.jsonl")
+        assert [r["step"] for r in double] == [r["step"] for r in single] == list(range(1, steps + 1))
+        for a, b in zip(single, double):
+            assert b == pytest.approx(a, rel=1e-4, abs=1e-6), stage
+    assert summary["stages"]["rl"]["kl_clone"] == pytest.approx(one["kl_clone"], rel=1e-4, abs=1e-6)
+    assert summary["stages"]["rl"]["reward"] == pytest.approx(one["reward"], rel=1e-4, abs=1e-6)

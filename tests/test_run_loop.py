@@ -32,6 +32,10 @@ def world(tmp_path_factory):
                   "kl_rl": {"steps": 4, "prompts_per_step": 2, "samples_per_prompt": 2, "lr": "1e-2", "seed": 1},
                   "sampling": {"max_new_tokens": 4}},
         "dpo": {"run": {**common, "preferences": "pairs.jsonl"}, "dpo": {"epochs": 2, "pairs_per_step": 3, "lr": "1e-2"}},
+        "apo": {"run": {**common, "prompts": "prompts.jsonl", "reward": "regex:[aeiou]", "sample_every": 2},
+                "apo": {"steps": 4, "prompts_per_step": 2, "samples_per_prompt": 2, "value_samples": 4, "beta": 0.5,
+                        "value_beta": 0.5, "lr": "1e-2", "seed": 1},
+                "sampling": {"max_new_tokens": 4}},
         "reward-model": {"run": {**common, "preferences": "pairs.jsonl"},
                          "reward_model": {"epochs": 2, "pairs_per_step": 2, "lr": "1e-2"}, "eval": {"held_out": 0.2}},
     }
@@ -40,7 +44,8 @@ def world(tmp_path_factory):
     return root
 
 
-RECIPE_MODULES = {"kl-rl": "tilt.recipes.kl_rl", "dpo": "tilt.recipes.dpo", "reward-model": "tilt.recipes.reward_model"}
+RECIPE_MODULES = {"kl-rl": "tilt.recipes.kl_rl", "dpo": "tilt.recipes.dpo", "reward-model": "tilt.recipes.reward_model",
+                  "apo": "tilt.recipes.apo"}
 
 
 def sigterm_at(monkeypatch, command: str, at_step: int) -> None:
@@ -60,6 +65,15 @@ def sigterm_at(monkeypatch, command: str, at_step: int) -> None:
     monkeypatch.setattr(module, "train", interrupted)
 
 
+WALL_CLOCK = ("step_time",)
+"""Metrics that measure time (DPO's step_time): the only ones two runs of the same steps may differ in."""
+
+
+def metric_rows(run) -> list[dict]:
+    """RUN/metrics.jsonl without the wall-clock metrics; every other value exactly as written."""
+    return [{k: v for k, v in row.items() if k not in WALL_CLOCK} for row in runs.read_jsonl(run / "metrics.jsonl")]
+
+
 def weights(folder):
     from safetensors.torch import load_file
 
@@ -67,7 +81,7 @@ def weights(folder):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["kl-rl", "dpo", "reward-model"])
+@pytest.mark.parametrize("command", ["kl-rl", "dpo", "reward-model", "apo"])
 def test_sigterm_checkpoints_exits_143_and_the_resume_reproduces_the_uninterrupted_run(world, tmp_path, monkeypatch, capsys, command):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     config = str(world / f"{command}.yaml")
@@ -83,7 +97,7 @@ def test_sigterm_checkpoints_exits_143_and_the_resume_reproduces_the_uninterrupt
     assert not (cut / "final").exists() and [r["step"] for r in runs.read_jsonl(cut / "metrics.jsonl")] == [1, 2, 3]
     assert main(["train", command, "--resume", str(cut), "--json"]) == 0
     resumed = json.loads(capsys.readouterr().out)
-    assert (cut / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text()
+    assert metric_rows(cut) == metric_rows(whole)
     assert (cut / "samples.jsonl").read_text() == (whole / "samples.jsonl").read_text()
     drop = ("run_dir", "final", "use_as_reward")
     assert {k: v for k, v in resumed.items() if k not in drop} == {k: v for k, v in summary.items() if k not in drop}
@@ -178,3 +192,44 @@ def test_tilt_eval_reads_the_run_model_reference_reward_prompts_and_sampling(wor
     assert json.loads(capsys.readouterr().out)["reward"] == "regex:b"  # a flag overrides the run's setting
     assert main(["eval", str(tmp_path), "--json"]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_an_adaptive_beta_run_stopped_and_resumed_equals_the_uninterrupted_one_betas_included(world, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    flags = ["--config", str(world / "kl-rl.yaml"), "--kl_target", "0.01", "--beta", "0.5", "--kl_horizon", "4"]
+    assert main(["train", "kl-rl", *flags, "--run-dir", str(whole)]) == 0
+    betas = [r["beta"] for r in runs.read_jsonl(whole / "metrics.jsonl")]
+    assert betas[0] == 0.5 and len(set(betas)) == len(betas)  # the controller moved beta every step
+    with monkeypatch.context() as patch:
+        sigterm_at(patch, "kl-rl", 2)
+        assert main(["train", "kl-rl", *flags, "--run-dir", str(cut)]) == 143
+    saved = load_file(str(cut / runs.CHECKPOINTS / runs.checkpoint_name(2) / runs.STATE_TENSORS))
+    assert saved["kl_control.beta"].item() == betas[2]  # the checkpoint holds the beta of the next step
+    assert main(["train", "kl-rl", "--resume", str(cut)]) == 0
+    capsys.readouterr()
+    assert (cut / "metrics.jsonl").read_text() == (whole / "metrics.jsonl").read_text()
+    a, b = weights(whole / "final"), weights(cut / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_kl_budget_stops_the_run_and_final_holds_the_last_policy_measured_within_it(world, tmp_path, capsys):
+    free, capped = tmp_path / "free", tmp_path / "capped"
+    config = ["--config", str(world / "kl-rl.yaml"), "--steps", "6", "--keep_checkpoints", "0"]
+    assert main(["train", "kl-rl", *config, "--checkpoint_every", "1", "--run-dir", str(free)]) == 0
+    kl = [r["kl_ref"] for r in runs.read_jsonl(free / "metrics.jsonl")]
+    # the first step (0-based s >= 2) whose KL estimate is above every earlier one: a budget at that earlier maximum
+    # stops the run there, and the last policy measured within it is the one step s - 1 sampled (s - 1 updates)
+    s = next(i for i in range(2, len(kl)) if kl[i] > max(kl[:i]))
+    budget = max(kl[:s])
+    capsys.readouterr()
+    assert main(["train", "kl-rl", *config, "--kl_budget", repr(budget), "--run-dir", str(capped), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    rows = runs.read_jsonl(capped / "metrics.jsonl")
+    assert [r["kl_budget_exceeded"] for r in rows] == [0.0] * s + [1.0]  # stopped at the step that exceeded it
+    assert "last policy measured within the budget" in summary["kl_budget"] and f"the one of step {s - 1} (" in summary["kl_budget"]
+    kept, final = weights(free / runs.CHECKPOINTS / runs.checkpoint_name(s - 1)), weights(capped / "final")
+    assert kept.keys() == final.keys() and all(torch.equal(kept[k], final[k]) for k in kept)
+    newest = weights(capped / runs.CHECKPOINTS / runs.checkpoint_name(s + 1))
+    assert any(not torch.equal(newest[k], final[k]) for k in final)  # not the newest policy

@@ -87,8 +87,8 @@ def test_run_directory_holds_config_metrics_samples_checkpoints_and_final(world,
     from transformers import AutoModelForCausalLM
 
     saved = yaml.safe_load((uninterrupted / "config.yaml").read_text())
-    assert saved["recipe"] == "kl-rl" and saved["beta"] == 0.1 and saved["ref"] == saved["model"]
-    assert saved["sampling"]["max_new_tokens"] == 6 and saved["optimizer"] == "adamw"  # defaults are resolved too
+    assert saved["recipe"] == "kl-rl" and saved["kl_rl"]["beta"] == 0.1 and saved["run"]["ref"] == saved["run"]["model"]
+    assert saved["sampling"]["max_new_tokens"] == 6 and saved["kl_rl"]["optimizer"] == "adamw"  # defaults are resolved too
     metrics = runs.read_jsonl(uninterrupted / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
     assert all({"reward", "kl_ref", "loss"} <= set(m) for m in metrics)
@@ -203,21 +203,27 @@ def test_an_existing_run_directory_is_never_overwritten(world, uninterrupted, ca
 
 
 def test_the_config_resolves_file_then_overrides_then_defaults():
-    from tilt.cli.train import resolve
+    from tilt.runs.config import ConfigError, build, parse_flags, resolve
 
     file = {"model": "m", "reward": ["2*length:chars", "regex:a"], "prompts": "p.jsonl", "beta": 1, "steps": 7,
             "sampling": {"max_new_tokens": 9}}
-    config = resolve("kl-rl", file, {"beta": "0.25", "top_k": "5", "max_prompt_tokens": "none"})
-    assert config["beta"] == 0.25 and config["steps"] == 7 and config["ref"] == "m"  # override; file; ref = model
-    assert config["reward"] == ["2*length:chars", "regex:a"] and config["samples_per_prompt"] == 4  # default
-    assert config["sampling"] == {"max_new_tokens": 9, "temperature": 1.0, "top_k": 5, "top_p": 1.0}
+    flags = parse_flags("kl-rl", ["--beta", "0.25", "--top_k", "5", "--max_prompt_tokens", "none"])
+    config = resolve("kl-rl", file, flags)
+    assert config["kl_rl"]["beta"] == 0.25 and config["kl_rl"]["steps"] == 7 and config["run"]["ref"] == "m"  # override; file; ref = model
+    assert config["run"]["reward"] == ["2*length:chars", "regex:a"] and config["kl_rl"]["samples_per_prompt"] == 4  # default
+    assert {k: config["sampling"][k] for k in ("max_new_tokens", "temperature", "top_k", "top_p")} == \
+        {"max_new_tokens": 9, "temperature": 1.0, "top_k": 5, "top_p": 1.0}
     assert config["data"]["max_prompt_tokens"] is None and config["recipe"] == "kl-rl"
     assert resolve("kl-rl", config, {}) == config  # a saved config resolves to itself (what --resume reads)
-    for bad, message in [({"beta": "high"}, "beta must be a float"), ({"steps": 2.5}, "steps must be an int"),
-                         ({"samples_per_prompt": 1}, "samples_per_prompt must be >= 2"), ({"recipe": "dpo"}, "for recipe 'dpo'"),
-                         ({"sampling": {"top_p": 2}}, "top_p"), ({"reward": []}, "reward must be")]:
-        with pytest.raises(ValueError, match=message):
+    for bad, message in [({"beta": "high"}, "kl_rl.beta must be a float"), ({"steps": 2.5}, "kl_rl.steps must be an int"),
+                         ({"recipe": "dpo"}, "the config is for 'dpo', not tilt train kl-rl")]:
+        with pytest.raises(ConfigError, match=message):
             resolve("kl-rl", {**file, **bad}, {})
+    for bad, message in [({"samples_per_prompt": 1}, "samples_per_prompt must be >= 2"), ({"sampling": {"top_p": 2}}, "top_p")]:
+        with pytest.raises(ConfigError, match=message):  # each section's own checks run when it is built
+            build(resolve("kl-rl", {**file, **bad}, {}))
+    with pytest.raises(ConfigError, match="tilt train kl-rl needs run.reward"):  # a reward-less run is refused by the command
+        build(resolve("kl-rl", {**file, "reward": []}, {}))["run"].require("kl-rl", ("model", "reward", "prompts"))
 
 
 def test_unknown_config_key_is_named_with_the_valid_ones(world, tmp_path, capsys):
@@ -227,7 +233,7 @@ def test_unknown_config_key_is_named_with_the_valid_ones(world, tmp_path, capsys
     run = tmp_path / "run"
     assert main(["train", "kl-rl", "--config", str(tmp_path / "c.yaml"), "--run-dir", str(run)]) == 2
     err = capsys.readouterr().err
-    assert "unknown config key 'betta'" in err and "beta" in err and "samples_per_prompt" in err
+    assert "unknown config key 'betta'; did you mean 'beta'?" in err and "(sections: run, kl_rl, sampling," in err
     assert not run.exists()
     config.pop("betta")
     config["sampling"]["temprature"] = 0.5
@@ -250,7 +256,7 @@ def test_a_reward_that_breaks_during_training_marks_the_run_failed_and_keeps_its
 
 def test_resume_refuses_to_change_the_recipe(world, uninterrupted, capsys):
     assert main(["train", "kl-rl", "--resume", str(uninterrupted), "--beta", "0.5"]) == 2
-    assert "cannot change beta" in capsys.readouterr().err
+    assert "cannot change kl_rl.beta" in capsys.readouterr().err
 
 
 # --- runs that survive: kill -9, a crash mid-checkpoint, SIGTERM, then resume -------------------------------------
@@ -297,7 +303,7 @@ def test_kill_9_crash_mid_checkpoint_and_sigterm_then_resume_equal_an_uninterrup
 
     # 3. resume, then SIGTERM: the step finishes, a checkpoint is saved, the process exits cleanly
     proc = _start(world, tmp_path, "c", resume, SLOW_REWARD="0.05")
-    _wait_for(lambda: "resuming from" in (tmp_path / "c.out").read_text() and len(_steps(run)) >= 11, proc)
+    _wait_for(lambda: "resuming from" in (tmp_path / "c.err").read_text() and len(_steps(run)) >= 11, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == EXIT_SIGNAL[signal.SIGTERM]
     stopped_at = _steps(run)[-1]

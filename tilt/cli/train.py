@@ -32,11 +32,16 @@ SUMMARIES = {
     "reward-model": "a Bradley-Terry reward model (scalar head on a causal-LM backbone) from a preferences file, with held-out accuracy",
     "demo-rl": "clone demonstrations, then KL-regularised RL toward the clone (lambda = rl.beta)",
     "demo-rlhf": "clone, preferences on clone samples, a Bradley-Terry reward model, then KL-regularised RL toward the clone",
+    "bond": "Jeffreys BOND: distil best-of-N of the reference by a mix of forward KL (SFT on best-of-N) and backward KL (vBoN)",
+    "bonbon": "BoNBoN: SFT on best-of-N reference samples plus an IPO loss on (best, worst)-of-N pairs",
+    "apo": "A*-PO: least squares of beta log(pi/pi_ref) onto r - V*, V* estimated once from reference samples",
+    "qrpo": "QRPO: least squares onto the calibrated (quantile) reward, whose normaliser is known in closed form",
 }
 EXAMPLES = {"kl-rl": "examples/kl_rl_tiny.yaml --steps 20 --beta 0.1", "dpo": "examples/dpo_tiny.yaml",
             "online-dpo": "examples/xpo_tiny.yaml", "xpo": "examples/xpo_tiny.yaml",
             "reward-model": "examples/reward_model_tiny.yaml", "demo-rl": "examples/demo_rl_tiny.yaml",
-            "demo-rlhf": "examples/demo_rl_tiny.yaml"}
+            "demo-rlhf": "examples/demo_rl_tiny.yaml", "bond": "examples/bond_tiny.yaml",
+            "bonbon": "examples/bonbon_tiny.yaml", "apo": "examples/apo_tiny.yaml", "qrpo": "examples/qrpo_tiny.yaml"}
 RESUMABLE = ("run.checkpoint_every", "run.keep_checkpoints", "run.sample_every", "run.tracker")
 """Run fields ``--resume`` may change (with the recipe's ``steps``): none alters the steps already taken."""
 

@@ -42,6 +42,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from tilt import distributed
 from tilt.runs import directory as runs
 from tilt.engine.hf import SamplingConfig
 from tilt.evaluation import EvalConfig
@@ -191,16 +192,20 @@ def open_run(run_dir: str | Path, config: DemoRLConfig, saved_config: Mapping[st
             diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
             raise ValueError(f"{run} holds a run with another config (differs in: {', '.join(diff)}); "
                              "resume it with its own config, or choose another run directory")
-    else:
+    elif distributed.is_main():  # under torchrun, rank 0 writes the run
         runs.create_run(run, wanted)
-    if stack is not None:  # hold the run's lock until the caller's ``with`` ends
+    if stack is not None and distributed.is_main():  # hold the run's lock until the caller's ``with`` ends
         stack.enter_context(runs.lock_run(run))
+    distributed.barrier()
     return run
 
 
 def _commit_stage(run: Path, stage: str, write: Callable[[Path], None], marker: dict) -> dict:
     """Write a stage's folder whole in a temporary sibling (``write(folder)``, the work metrics, ``stage.json``),
-    fsync it and rename it into place; then drop the stage's work folder."""
+    fsync it and rename it into place; then drop the stage's work folder. Under torchrun rank 0 writes, the others wait."""
+    if not distributed.is_main():
+        distributed.barrier()
+        return marker
     root = run / STAGES
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{stage}.tmp-{os.getpid()}"
@@ -219,32 +224,53 @@ def _commit_stage(run: Path, stage: str, write: Callable[[Path], None], marker: 
     os.replace(tmp, final)
     runs.fsync_path(root)
     shutil.rmtree(work, ignore_errors=True)
+    distributed.barrier()
     return marker
 
 
 def _open_work(run: Path, stage: str) -> tuple[Path, Path | None, int]:
-    """The stage's work folder, its newest checkpoint and that checkpoint's step ((None, 0) for a fresh start)."""
+    """The stage's work folder, its newest checkpoint and that checkpoint's step ((None, 0) for a fresh start).
+    Under torchrun rank 0 prepares the folder; the others then read the same checkpoint."""
     work = run / WORK / stage
-    if work.is_dir():
-        checkpoint, step = runs.prepare_resume(work)
-        return work, checkpoint, step
-    work.mkdir(parents=True)
-    (work / "metrics.jsonl").write_text("", encoding="utf-8")
-    return work, None, 0
+    checkpoint, step = None, 0
+    if distributed.is_main():
+        if work.is_dir():
+            checkpoint, step = runs.prepare_resume(work)
+        else:
+            work.mkdir(parents=True)
+            (work / "metrics.jsonl").write_text("", encoding="utf-8")
+    distributed.barrier()
+    if not distributed.is_main() and work.is_dir():
+        checkpoint = runs.newest_intact_checkpoint(work)[0]
+        step = 0 if checkpoint is None else int(json.loads((checkpoint / runs.STATE_JSON).read_text(encoding="utf-8"))["step"])
+    return work, checkpoint, step
 
 
 def _step_logger(work: Path, stage: str, total: int, every: int, save: Callable[[int], None], hook: Hook | None):
+    main = distributed.is_main()
+
+    def checkpoint(done: int) -> None:  # rank 0 writes; every rank waits for it
+        if main:
+            save(done)
+        distributed.barrier()
+
     def on_step(step: int, metrics: dict) -> None:
         done = step + 1
-        runs.append_jsonl(work / "metrics.jsonl", {"step": done, **metrics})
+        if main:
+            runs.append_jsonl(work / "metrics.jsonl", {"step": done, **metrics})
         if every and done % every == 0 and done < total:
-            save(done)
+            checkpoint(done)
         if hook is not None and hook(stage, done, metrics) and done < total:  # asked to stop: checkpoint first
             from tilt.runs.loop import Stop
 
-            save(done)
+            checkpoint(done)
             raise Stop(done)
     return on_step
+
+
+def _replicated(model):
+    """Rank 0's weights on every rank, in DDP (the recipes reduce gradients themselves); unchanged in one process."""
+    return distributed.wrap_ddp(distributed.replicate(model))
 
 
 # --- pieces ----------------------------------------------------------------------------------------------------------
@@ -344,6 +370,7 @@ def _stage_bc(config: DemoRLConfig, run: Path, demo_rows, hook: Hook | None) -> 
     work, checkpoint, start = _open_work(run, "bc")
     if checkpoint is not None:
         policy.model = load_model(str(checkpoint)).eval()
+    policy.model = _replicated(policy.model)
     optimizer = build_optimizer(config.bc.optimizer, policy.parameters(), config.bc.lr)
     if checkpoint is not None:
         state, tensors = runs.load_trainer_state(checkpoint)
@@ -351,10 +378,11 @@ def _stage_bc(config: DemoRLConfig, run: Path, demo_rows, hook: Hook | None) -> 
         runs.restore_rng(state, tensors)
 
     def save(step: int) -> None:
-        runs.save_checkpoint(work, step, policy.model, policy.tokenizer, optimizer, keep=1, extra={"stage": "bc"})
+        runs.save_checkpoint(work, step, distributed.unwrap(policy.model), policy.tokenizer, optimizer, keep=1, extra={"stage": "bc"})
 
     on_step = _step_logger(work, "bc", config.bc.steps, config.checkpoint_every, save, hook)
     bc.train(config.bc, policy, demos, optimizer=optimizer, start_step=start, on_step=on_step)
+    policy.model = distributed.unwrap(policy.model)
     marker = {"stage": "bc", "steps": config.bc.steps, "demonstrations": len(demos), "tokens": int(demos.completion_mask.sum()),
               "demo_nll_before": nll_before, "demo_nll": bc.demonstration_nll(config.bc, policy, demos),
               "floor": config.bc.floor}
@@ -430,6 +458,7 @@ def _stage_reward_model(config: DemoRLHFConfig, run: Path, hook: Hook | None) ->
     accuracy_before = reward_model.accuracy(reward, held_out)
     if checkpoint is not None:
         reward.model = AutoModelForSequenceClassification.from_pretrained(checkpoint, num_labels=1, use_safetensors=True).eval()
+    reward.model = _replicated(reward.model)
     optimizer = build_optimizer("adamw", reward.model.parameters(), cfg.lr)
     if checkpoint is not None:
         state, tensors = runs.load_trainer_state(checkpoint)
@@ -438,10 +467,12 @@ def _stage_reward_model(config: DemoRLHFConfig, run: Path, hook: Hook | None) ->
     steps = max(1, math.ceil(cfg.epochs * len(train_pairs) / cfg.pairs_per_step))  # as reward_model.train counts them
 
     def save(step: int) -> None:
-        runs.save_checkpoint(work, step, reward.model, reward.tokenizer, optimizer, keep=1, extra={"stage": "reward_model"})
+        runs.save_checkpoint(work, step, distributed.unwrap(reward.model), reward.tokenizer, optimizer, keep=1,
+                             extra={"stage": "reward_model"})
 
     on_step = _step_logger(work, "reward_model", steps, config.checkpoint_every, save, hook)
     reward_model.train(cfg, reward, train_pairs, optimizer=optimizer, start_step=start, on_step=on_step)
+    reward.model = distributed.unwrap(reward.model)
     marker = {"stage": "reward_model", "steps": steps, "train_pairs": len(train_pairs), "held_out_pairs": len(held_out),
               "accuracy_train": reward_model.accuracy(reward, train_pairs),
               "accuracy_held_out": reward_model.accuracy(reward, held_out), "accuracy_held_out_before": accuracy_before}
@@ -474,6 +505,7 @@ def _stage_rl(config: DemoRLConfig, run: Path, prompts: Sequence[str], reward_fn
     work, checkpoint, start = _open_work(run, "rl")
     if checkpoint is not None:
         policy.model = load_model(str(checkpoint)).eval()
+    policy.model = _replicated(policy.model)
     optimizer = build_optimizer(config.rl.optimizer, policy.parameters(), config.rl.lr)
     if checkpoint is not None:
         state, tensors = runs.load_trainer_state(checkpoint)
@@ -481,10 +513,11 @@ def _stage_rl(config: DemoRLConfig, run: Path, prompts: Sequence[str], reward_fn
         runs.restore_rng(state, tensors)
 
     def save(step: int) -> None:
-        runs.save_checkpoint(work, step, policy.model, policy.tokenizer, optimizer, keep=1, extra={"stage": "rl"})
+        runs.save_checkpoint(work, step, distributed.unwrap(policy.model), policy.tokenizer, optimizer, keep=1, extra={"stage": "rl"})
 
     on_step = _step_logger(work, "rl", config.rl.steps, config.checkpoint_every, save, hook)
     kl_rl.train(config.rl, policy, ref, reward_fn, prompts, optimizer=optimizer, start_step=start, on_step=on_step)
+    policy.model = distributed.unwrap(policy.model)
     after = measure(config.eval, policy, eval_prompts, reward_fn, refs=refs, extra_rewards=extra)
     marker = {"stage": "rl", "steps": config.rl.steps, "lam": config.rl.beta, "start": config.start,
               "kl_budget": config.kl_budget, **after, **{f"before_{k}": v for k, v in before.items()}}
@@ -610,18 +643,25 @@ def run_pipeline_command(config: Mapping[str, Any], sections: Mapping[str, Any],
     if resume and not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{run} is not a run directory (no config.yaml)")
     fn = run_demo_rlhf if command == "demo-rlhf" else run_demo_rl
+    distributed.init()  # under torchrun (WORLD_SIZE > 1) only: every stage replicated over the ranks, rank 0 writes
+    main = distributed.is_main()
     try:
-        return fn(pipeline_config, run, hook=lambda stage, step, metrics: signals.received is not None,
-                  saved_config=config, stack=None if resume else stack)
+        result = fn(pipeline_config, run, hook=lambda stage, step, metrics: signals.received is not None,
+                    saved_config=config, stack=None if resume else stack)
+        world = distributed.world_size()
+        distributed.shutdown()
+        return {**result, "world_size": world} if main else 0
     except Stop as stop:
-        print(f"# stopped by {signals.name} at step {stop.args[0]} of a stage; checkpoint saved\n"
-              f"# continue with: {resume_command(command, run)}", file=sys.stderr, flush=True)
+        if main:
+            print(f"# stopped by {signals.name} at step {stop.args[0]} of a stage; checkpoint saved\n"
+                  f"# continue with: {resume_command(command, run)}", file=sys.stderr, flush=True)
         return signals.exit_code
     except Exception as exc:  # noqa: BLE001 - after the run directory exists, an error marks the run failed
         if not (run / "config.yaml").is_file():
             raise  # bad input, found before anything was written
         message = f"{type(exc).__name__}: {exc}"
-        runs.mark_failed(run, message)
+        if main:
+            runs.mark_failed(run, message)
         print(f"tilt: error: {message}\n# the run {run} is marked failed ({run / runs.FAILED}); fix the cause, then: "
               f"{resume_command(command, run)}", file=sys.stderr, flush=True)
         return EXIT_FAILED

@@ -56,9 +56,23 @@ def _prompt_data(path: str, data_config, policy, tokenizer, max_new_tokens: int,
     return data, [row["prompt"] for row in data.rows]
 
 
-def _save_fn(run: Path, policy_model, tokenizer, optimizer, keep: int, extra_fn):
+def _replicated(model):
+    """``model`` for several processes (``torchrun``): rank 0's weights broadcast to every rank, then wrapped in DDP
+    (the recipes reduce the gradients themselves, tilt.distributed); in one process, ``model`` unchanged."""
+    from tilt import distributed
+
+    return distributed.wrap_ddp(distributed.replicate(model))
+
+
+def _save_on_main(main_rank: bool, save):
+    """``save`` on rank 0, a no-op elsewhere (rank 0 writes every checkpoint; the loop's barrier keeps ranks together)."""
+    return save if main_rank else (lambda step: None)
+
+
+def _save_fn(run: Path, policy_model, tokenizer, optimizer, keep: int, extra_fn, tensors_fn=None):
     def save(step: int) -> None:
-        runs.save_checkpoint(run, step, policy_model(), tokenizer, optimizer, keep=keep, extra=extra_fn())
+        runs.save_checkpoint(run, step, policy_model(), tokenizer, optimizer, keep=keep, extra=extra_fn(),
+                             extra_tensors=tensors_fn() if tensors_fn is not None else None)
     return save
 
 
@@ -84,10 +98,17 @@ def train_kl_rl(config: dict, secs: dict, run_dir: Path, *, resume: bool, signal
     initial = first_samples(policy, reward_fn, prompts, run.sample_prompts, cfg.seed) if not resume and main_rank else []
     out = _open(run_dir, config, resume, initial, stack=stack) if main_rank else run_dir
     distributed.barrier()
-    policy.model = distributed.wrap_ddp(distributed.replicate(policy.model))
+    policy.model = _replicated(policy.model)
     optimizer = build_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad], cfg.lr)
     steps = kl_rl.num_steps(cfg)
     restore(checkpoint, optimizer, steps, start, main_rank=main_rank)
+    # the adaptive-beta controller's state goes into every checkpoint and comes back on resume (an exact resume)
+    kl_state = restored_kl_state(cfg, checkpoint)
+    # with a KL budget every step is checkpointed, and the three newest kept, so that the last policy measured within
+    # the budget (two updates before the step that exceeded it; docs/kl_rl.md) is on disk when the budget stops the run
+    budget = cfg.kl_budget > 0
+    checkpoint_every = 1 if budget else run.checkpoint_every
+    keep = max(run.keep_checkpoints, 3) if budget and run.keep_checkpoints else run.keep_checkpoints
     tracker = runs.open_tracker(run.tracker if main_rank else "none", out, config)
     ctrl: dict[str, Any] = {"reward": None}
 
@@ -98,9 +119,9 @@ def train_kl_rl(config: dict, secs: dict, run_dir: Path, *, resume: bool, signal
         return {**metrics, "reward_raw": raw_sum / count, "reward_calibrated": calibrated_sum / count}
 
     loop = RunLoop("kl-rl", out, steps=steps, start=start, signals=signals, tracker=tracker, main_rank=main_rank,
-                   save=_save_fn(out, lambda: distributed.unwrap(policy.model), tokenizer, optimizer, run.keep_checkpoints,
-                                 lambda: {"recipe": "kl-rl"}) if main_rank else (lambda step: None),
-                   checkpoint_every=run.checkpoint_every, sample_every=run.sample_every,
+                   save=_save_on_main(main_rank, _save_fn(out, lambda: distributed.unwrap(policy.model), tokenizer, optimizer, keep,
+                                                          lambda: {"recipe": "kl-rl"}, kl_state.state_tensors)),
+                   checkpoint_every=checkpoint_every, sample_every=run.sample_every,
                    sample=lambda step: draw_samples(policy, reward_fn, prompts, run.sample_prompts, cfg.seed, step),
                    extra=extra, shown=("reward", "kl_ref"), resume_flags=resume_flags, barrier=distributed.barrier)
     train_reward = reward_fn
@@ -121,19 +142,55 @@ def train_kl_rl(config: dict, secs: dict, run_dir: Path, *, resume: bool, signal
             log(f"# calibration: {source}: m = {cal.samples_per_prompt} reference samples for each of {len(cal.prompts)} "
                 f"prompts ({out / CALIBRATION_FILE})\n# training on {calibration.describe()}")
     code = loop.run(lambda on_step: kl_rl.train(cfg, policy, ref, train_reward, prompts, optimizer=optimizer,
-                                                start_step=start, on_step=on_step))
+                                                start_step=start, on_step=on_step, kl_state=kl_state))
     if code is not None:
         return code
     if not main_rank:
         distributed.shutdown()
         return 0
-    final = runs.save_final(out, final_model(distributed.unwrap(policy.model)), tokenizer)
+    summary: dict[str, Any] = {"steps": steps, "world_size": distributed.world_size()}
+    if kl_state.budget_exceeded_step is None:
+        final = runs.save_final(out, final_model(distributed.unwrap(policy.model)), tokenizer)
+    else:  # RUN/final is the last policy measured within the budget, read back from its checkpoint
+        kept, summary["kl_budget"] = within_budget(cfg, kl_state.budget_exceeded_step)
+        final = None
+        if kept is not None:
+            source = out / runs.CHECKPOINTS / runs.checkpoint_name(kept) if kept else None  # 0: the initial model
+            within = load_policy_and_ref(run, lora, sampling, source, need_ref=False)[0]
+            final = runs.save_final(out, final_model(within.model), tokenizer)
+        log(f"# {summary['kl_budget']}")
     distributed.shutdown()
     rows = runs.read_jsonl(out / "metrics.jsonl")
-    summary: dict[str, Any] = {"steps": steps, **data_summary(data)}
+    summary.update(data_summary(data))
     if rows:
-        summary.update({k: rows[-1][k] for k in ("reward", "kl_ref", "reward_raw", "reward_calibrated") if k in rows[-1]})
-    return {**summary, "run_dir": str(out), "final": str(final)}
+        summary.update({k: rows[-1][k] for k in ("reward", "kl_ref", "reward_raw", "reward_calibrated", "beta") if k in rows[-1]})
+    return {**summary, "run_dir": str(out), "final": str(final) if final is not None else None}
+
+
+def restored_kl_state(cfg, checkpoint: Path | None):
+    """The KL controller's state (``KLControlState``): the config's beta on a fresh run, the checkpoint's on resume
+    (refused, naming the missing tensor, when an adaptive-beta run's checkpoint lacks it)."""
+    from tilt.recipes.common import KLControlState
+
+    if checkpoint is None:
+        return KLControlState(beta=cfg.beta)
+    _, tensors = runs.load_trainer_state(checkpoint)
+    if cfg.kl_target == 0 and "kl_control.beta" not in tensors:  # a fixed beta: nothing to restore
+        return KLControlState(beta=cfg.beta)
+    return KLControlState.from_tensors(tensors)
+
+
+def within_budget(cfg, exceeded: int) -> tuple[int | None, str]:
+    """(updates done by the last policy measured within the KL budget, or None when even the initial one was not;
+    the summary's sentence). Step ``exceeded`` (0-based) measured the policy after ``exceeded`` updates; the one before
+    it was measured by step ``exceeded - 1`` (tilt.recipes.kl_rl.train)."""
+    if exceeded == 0:
+        return None, (f"stopped at step 1: the initial policy's KL estimate already exceeds kl_budget {cfg.kl_budget}; "
+                      "no final model is written")
+    kept = exceeded - 1
+    where = f"checkpoint {runs.checkpoint_name(kept)}" if kept else "the initial model"
+    return kept, (f"stopped by kl_budget {cfg.kl_budget} at step {exceeded + 1} (metrics row {exceeded + 1}); final/ holds the "
+                  f"last policy measured within the budget, the one of step {kept} ({where}), not the newest checkpoint")
 
 
 # --- dpo --------------------------------------------------------------------------------------------------------------
@@ -173,11 +230,14 @@ def pair_margins(policy, pairs, ref_logprobs, beta: float, micro_batch_size: int
 
 def train_dpo(config: dict, secs: dict, run_dir: Path, *, resume: bool, signals: Signals, resume_flags=(),
                 stack=None) -> int | dict:
+    from tilt import distributed
     from tilt.recipes import dpo
     from tilt.recipes.common import build_optimizer
 
     run, cfg, lora = secs["run"], secs["dpo"], secs["lora"]
     run.require("dpo", ("model", "preferences"))
+    distributed.init()  # under torchrun (WORLD_SIZE > 1) only
+    main_rank = distributed.is_main()
     check_models(run)
     checkpoint, start = runs.prepare_resume(run_dir) if resume else (None, 0)
     policy, ref, tokenizer = load_policy_and_ref(run, lora, None, checkpoint)
@@ -192,24 +252,33 @@ def train_dpo(config: dict, secs: dict, run_dir: Path, *, resume: bool, signals:
     if not resume:
         margin, accuracy = pair_margins(policy, pairs, ref_logprobs, cfg.beta, cfg.micro_batch_size)
         before = {"reward_margin_before": margin, "accuracy_before": accuracy}
-    out = _open(run_dir, config, resume, before=before, stack=stack)
+    out = _open(run_dir, config, resume, before=before, stack=stack) if main_rank else run_dir
+    distributed.barrier()
+    policy.model = _replicated(policy.model)
     steps = dpo.num_steps(cfg, len(pairs))
     optimizer = build_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad], cfg.lr)
-    restore(checkpoint, optimizer, steps, start)
-    loop = RunLoop("dpo", out, steps=steps, start=start, signals=signals, tracker=runs.open_tracker(run.tracker, out, config),
-                   save=_save_fn(out, lambda: policy.model, tokenizer, optimizer, run.keep_checkpoints, lambda: {"recipe": "dpo"}),
+    restore(checkpoint, optimizer, steps, start, main_rank=main_rank)
+    loop = RunLoop("dpo", out, steps=steps, start=start, signals=signals, main_rank=main_rank, barrier=distributed.barrier,
+                   tracker=runs.open_tracker(run.tracker if main_rank else "none", out, config),
+                   save=_save_on_main(main_rank, _save_fn(out, lambda: distributed.unwrap(policy.model), tokenizer, optimizer,
+                                                          run.keep_checkpoints, lambda: {"recipe": "dpo"})),
                    checkpoint_every=run.checkpoint_every, shown=("loss", "reward_margin", "accuracy"), resume_flags=resume_flags)
     code = loop.run(lambda on_step: dpo.train(cfg, policy, policy, pairs, ref_logprobs=ref_logprobs, eval_pairs=eval_pairs,
                                               eval_ref_logprobs=eval_ref_logprobs, optimizer=optimizer, start_step=start,
                                               on_step=on_step))
     if code is not None:
         return code
+    policy.model = distributed.unwrap(policy.model)
+    if not main_rank:
+        distributed.shutdown()
+        return 0
     final = runs.save_final(out, final_model(policy.model), tokenizer)
     margin_after, accuracy_after = pair_margins(policy, pairs, ref_logprobs, cfg.beta, cfg.micro_batch_size)
     before = _before(out)
     summary = {"pairs": len(pairs), "held_out_pairs": len(eval_rows), "steps": steps, **data_summary(data), "reward_margin_before": before.get("reward_margin_before"),
                "reward_margin_after": margin_after, "accuracy_before": before.get("accuracy_before"),
-               "accuracy_after": accuracy_after}
+               "accuracy_after": accuracy_after, "world_size": distributed.world_size()}
+    distributed.shutdown()
     runs.write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     return {**summary, "run_dir": str(out), "final": str(final)}
 
@@ -252,6 +321,7 @@ SCHEMES_OF = {"online-dpo": ("online-dpo", "pairs"), "xpo": ("xpo",)}
 
 def train_online(config: dict, secs: dict, run_dir: Path, *, resume: bool, signals: Signals, resume_flags=(),
                 stack=None) -> int | dict:
+    from tilt import distributed
     from tilt.evaluation import EvalConfig, evaluate
     from tilt.recipes import online_dpo
     from tilt.recipes.common import build_optimizer
@@ -267,17 +337,24 @@ def train_online(config: dict, secs: dict, run_dir: Path, *, resume: bool, signa
     if final_eval.eval_samples_per_prompt and not sampling.exact:
         raise ValueError("the final evaluation needs samples of the policy itself (temperature 1, no top-k/top-p); "
                          "set eval.eval_samples_per_prompt: 0 to train with a modified sampler")
+    if cfg.regime == "cumulative" and distributed.launched():
+        raise ValueError(f"tilt train {command} with regime cumulative runs in one process (each rank's stored pairs would "
+                         "need a checkpoint of their own); use regime fresh under torchrun")
+    distributed.init()  # under torchrun (WORLD_SIZE > 1) only
+    main_rank = distributed.is_main()
     check_models(run)
     checkpoint, start = runs.prepare_resume(run_dir) if resume else (None, 0)
     policy, ref, tokenizer = load_policy_and_ref(run, lora, sampling, checkpoint)
     data, prompts = _prompt_data(run.prompts, secs["data"], policy, tokenizer, sampling.max_new_tokens)
     reward_fn = build_reward(run, data)
     oracle = build_oracle(secs["labels"], reward_fn)
-    initial = first_samples(policy, reward_fn, prompts, run.sample_prompts, cfg.seed) if not resume else []
-    out = _open(run_dir, config, resume, initial, stack=stack)
+    initial = first_samples(policy, reward_fn, prompts, run.sample_prompts, cfg.seed) if not resume and main_rank else []
+    out = _open(run_dir, config, resume, initial, stack=stack) if main_rank else run_dir
+    distributed.barrier()
+    policy.model = _replicated(policy.model)
     steps = online_dpo.num_steps(cfg)
     optimizer = build_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad], cfg.lr)
-    state = restore(checkpoint, optimizer, steps, start)
+    state = restore(checkpoint, optimizer, steps, start, main_rank=main_rank)
     stored: list = []  # the cumulative regime's pairs, appended to by the recipe, saved with every checkpoint
     if state is not None and cfg.regime == "cumulative":
         if "stored_pairs" not in state["extra"]:
@@ -287,8 +364,10 @@ def train_online(config: dict, secs: dict, run_dir: Path, *, resume: bool, signa
     def extra() -> dict:
         return {"recipe": command, **({"stored_pairs": stored_pairs_extra(stored)} if cfg.regime == "cumulative" else {})}
 
-    loop = RunLoop(command, out, steps=steps, start=start, signals=signals, tracker=runs.open_tracker(run.tracker, out, config),
-                   save=_save_fn(out, lambda: policy.model, tokenizer, optimizer, run.keep_checkpoints, extra),
+    loop = RunLoop(command, out, steps=steps, start=start, signals=signals, main_rank=main_rank, barrier=distributed.barrier,
+                   tracker=runs.open_tracker(run.tracker if main_rank else "none", out, config),
+                   save=_save_on_main(main_rank, _save_fn(out, lambda: distributed.unwrap(policy.model), tokenizer, optimizer,
+                                                          run.keep_checkpoints, extra)),
                    checkpoint_every=run.checkpoint_every, sample_every=run.sample_every,
                    sample=lambda step: draw_samples(policy, reward_fn, prompts, run.sample_prompts, cfg.seed, step),
                    shown=("loss", "policy_sample_win_rate", "kl_ref"), resume_flags=resume_flags)
@@ -296,9 +375,14 @@ def train_online(config: dict, secs: dict, run_dir: Path, *, resume: bool, signa
                                                      start_step=start, stored=stored, on_step=on_step))
     if code is not None:
         return code
+    policy.model = distributed.unwrap(policy.model)
+    world = distributed.world_size()
+    distributed.shutdown()
+    if not main_rank:
+        return 0
     final = runs.save_final(out, final_model(policy.model), tokenizer)
     rows = runs.read_jsonl(out / "metrics.jsonl")
-    summary: dict[str, Any] = {"steps": steps, "scheme": cfg.scheme, **data_summary(data)}
+    summary: dict[str, Any] = {"steps": steps, "scheme": cfg.scheme, "world_size": world, **data_summary(data)}
     if rows:
         summary["last_policy_sample_win_rate"] = rows[-1]["policy_sample_win_rate"]
     if final_eval.eval_samples_per_prompt:
@@ -349,8 +433,12 @@ def train_reward_model(config: dict, secs: dict, run_dir: Path, *, resume: bool,
     from tilt.reward_fns import SequenceClassifierReward
     from tilt.runs.setup import pick_device, pick_dtype
 
+    from tilt import distributed
+
     run, cfg, held = secs["run"], secs["reward_model"], secs["eval"]
     run.require("reward-model", ("model", "preferences"))
+    distributed.init()  # under torchrun (WORLD_SIZE > 1) only
+    main_rank = distributed.is_main()
     path = resolve_model_path(run.model)
     if Path(path).is_dir():
         check_safe_weights(path)
@@ -369,22 +457,30 @@ def train_reward_model(config: dict, secs: dict, run_dir: Path, *, resume: bool,
         check_run_context(data, model.config, tokenizer, max_new_tokens=None, path=run.preferences)
     reward = SequenceClassifierReward(model, tokenizer, max_length=held.max_length)
     before = {"accuracy_held_out_before": reward_model.accuracy(reward, held_out)} if held_out and not resume else None
-    out = _open(run_dir, config, resume, before=before, stack=stack)
+    out = _open(run_dir, config, resume, before=before, stack=stack) if main_rank else run_dir
+    distributed.barrier()
+    reward.model = _replicated(reward.model)
     steps = reward_model.num_steps(cfg, len(train_pairs))
     optimizer = build_optimizer("adamw", reward.model.parameters(), cfg.lr)
-    restore(checkpoint, optimizer, steps, start)
-    loop = RunLoop("reward-model", out, steps=steps, start=start, signals=signals,
-                   tracker=runs.open_tracker(run.tracker, out, config),
-                   save=_save_fn(out, lambda: reward.model, tokenizer, optimizer, run.keep_checkpoints, lambda: {"recipe": "reward-model"}),
+    restore(checkpoint, optimizer, steps, start, main_rank=main_rank)
+    loop = RunLoop("reward-model", out, steps=steps, start=start, signals=signals, main_rank=main_rank, barrier=distributed.barrier,
+                   tracker=runs.open_tracker(run.tracker if main_rank else "none", out, config),
+                   save=_save_on_main(main_rank, _save_fn(out, lambda: distributed.unwrap(reward.model), tokenizer, optimizer,
+                                                          run.keep_checkpoints, lambda: {"recipe": "reward-model"})),
                    checkpoint_every=run.checkpoint_every, shown=("loss", "accuracy"), resume_flags=resume_flags)
     code = loop.run(lambda on_step: reward_model.train(cfg, reward, train_pairs, optimizer=optimizer, start_step=start,
                                                        on_step=on_step))
     if code is not None:
         return code
+    reward.model = distributed.unwrap(reward.model)
+    world = distributed.world_size()
+    distributed.shutdown()
+    if not main_rank:
+        return 0
     reward.model.eval()
     final = runs.save_final(out, reward.model, tokenizer)
     summary: dict[str, Any] = {"train_pairs": len(train_pairs), "held_out_pairs": len(held_out), "steps": steps, **data_summary(data),
-                               "accuracy_train": reward_model.accuracy(reward, train_pairs)}
+                               "accuracy_train": reward_model.accuracy(reward, train_pairs), "world_size": world}
     if held_out:
         summary["accuracy_held_out"] = reward_model.accuracy(reward, held_out)
         summary.update(_before(out))
@@ -392,6 +488,96 @@ def train_reward_model(config: dict, secs: dict, run_dir: Path, *, resume: bool,
     return {**summary, "run_dir": str(out), "final": str(final), "use_as_reward": f"--reward {final}"}
 
 
+# --- bond / bonbon / apo / qrpo ---------------------------------------------------------------------------------------
+SHOWN = {"bond": ("loss", "kl_bon", "kl_ref"), "bonbon": ("loss", "margin", "best_reward"),
+         "apo": ("loss", "reward", "residual_abs"), "qrpo": ("loss", "quantile", "residual_abs")}
+"""The metrics the progress bar shows, per command (every metric goes to metrics.jsonl)."""
+SUMMARY_KEYS = ("loss", "kl_ref", "kl_bon", "bon_reward", "best_reward", "worst_reward", "margin", "reward", "quantile",
+                "raw_reward", "residual_abs")
+
+
+def reference_phase(command: str, cfg, ref, reward_fn, prompts) -> tuple[int, Any]:
+    """(reference samples drawn, function of the counting reference -> the recipe's extra keyword arguments) of the
+    phase that samples and scores pi_ref once before the first step: A*-PO's V*, QRPO's and BOND's CDF. Each is what
+    the recipe itself builds from the same seed (so a resumed run rebuilds it identically and no checkpoint holds it);
+    the run only draws it outside the recipe to show progress and stop cleanly on SIGTERM. BoNBoN has no such phase."""
+    from tilt.infalign import distinct_prompts
+
+    count = len(distinct_prompts(prompts))
+    if command == "apo":
+        from tilt.recipes.apo import estimate_values
+
+        return cfg.value_samples * count, lambda counted: {"values": estimate_values(cfg, counted, reward_fn, prompts)}
+    if command == "qrpo":
+        from tilt.recipes.qrpo import build_cdf
+
+        return cfg.calibration_samples * count, lambda counted: {"cdf": build_cdf(cfg, counted, reward_fn, prompts)}
+    if command == "bond" and cfg.jeffreys_weight > 0:
+        from tilt.bon_target import SampleCDF
+        from tilt.infalign import build_calibration
+
+        return cfg.calibration_samples * count, lambda counted: {"cdf": SampleCDF(build_calibration(
+            counted, reward_fn, distinct_prompts(prompts), cfg.calibration_samples, seed=cfg.calibration_seed))}
+    return 0, lambda counted: {}
+
+
+def train_distilled(config: dict, secs: dict, run_dir: Path, *, resume: bool, signals: Signals, resume_flags=(),
+                    stack=None) -> int | dict:
+    """tilt train bond | bonbon | apo | qrpo: recipes of the form ``train(config, policy, ref, reward_fn, prompts, *,
+    optimizer, start_step, on_step)``, one process. A checkpoint holds the policy and the optimizer: everything else
+    they use (V*, the calibration samples, each step's prompts and samples) is a pure function of the config's seeds
+    and of the frozen reference, rebuilt on resume."""
+    import importlib
+
+    from tilt import distributed
+    from tilt.recipes.common import build_optimizer
+
+    command = config["recipe"]
+    recipe = importlib.import_module(f"tilt.recipes.{command}")
+    run, cfg, sampling, lora = secs["run"], secs[command], secs["sampling"], secs["lora"]
+    run.require(command, ("model", "reward", "prompts"))
+    if distributed.launched():  # before anything is written: the recipe does not shard its steps
+        raise ValueError(f"tilt train {command} runs in one process (its recipe does not shard steps across ranks); "
+                         "launch it without torchrun or with --nproc_per_node 1")
+    check_models(run)
+    checkpoint, start = runs.prepare_resume(run_dir) if resume else (None, 0)
+    policy, ref, tokenizer = load_policy_and_ref(run, lora, sampling, checkpoint)
+    data, prompts = _prompt_data(run.prompts, secs["data"], policy, tokenizer, sampling.max_new_tokens)
+    reward_fn = build_reward(run, data)
+    initial = first_samples(policy, reward_fn, prompts, run.sample_prompts, cfg.seed) if not resume else []
+    out = _open(run_dir, config, resume, initial, stack=stack)
+    steps = recipe.num_steps(cfg)
+    optimizer = build_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad], cfg.lr)
+    restore(checkpoint, optimizer, steps, start)
+    loop = RunLoop(command, out, steps=steps, start=start, signals=signals, tracker=runs.open_tracker(run.tracker, out, config),
+                   save=_save_fn(out, lambda: policy.model, tokenizer, optimizer, run.keep_checkpoints, lambda: {"recipe": command}),
+                   checkpoint_every=run.checkpoint_every, sample_every=run.sample_every,
+                   sample=lambda step: draw_samples(policy, reward_fn, prompts, run.sample_prompts, cfg.seed, step),
+                   shown=SHOWN[command], resume_flags=resume_flags)
+    total, phase = reference_phase(command, cfg, ref, reward_fn, prompts)
+    kwargs: dict[str, Any] = {}
+    if total and start < steps:
+        counted = PhaseProgress(ref, total, "reference samples", signals, start)
+        try:
+            kwargs = phase(counted)
+        except Stop:
+            counted.close()
+            return loop.stopped(start)
+        counted.close()
+    code = loop.run(lambda on_step: recipe.train(cfg, policy, ref, reward_fn, prompts, optimizer=optimizer, start_step=start,
+                                                 on_step=on_step, **kwargs))
+    if code is not None:
+        return code
+    final = runs.save_final(out, final_model(policy.model), tokenizer)
+    rows = runs.read_jsonl(out / "metrics.jsonl")
+    summary: dict[str, Any] = {"steps": steps, **data_summary(data)}
+    if rows:
+        summary.update({k: rows[-1][k] for k in SUMMARY_KEYS if k in rows[-1]})
+    runs.write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    return {**summary, "run_dir": str(out), "final": str(final)}
+
+
 ASSEMBLIES = {"kl-rl": train_kl_rl, "dpo": train_dpo, "online-dpo": train_online, "xpo": train_online,
-              "reward-model": train_reward_model}
+              "reward-model": train_reward_model, "bond": train_distilled, "bonbon": train_distilled,
+              "apo": train_distilled, "qrpo": train_distilled}
 """The single-recipe commands (the pipelines are in tilt.pipelines.demo_rl)."""

@@ -183,6 +183,10 @@ COMMANDS: dict[str, tuple[Section, ...]] = {
                   Section("preferences", "tilt.pipelines.demo_rl:PreferenceConfig"),
                   Section("reward_model", "tilt.recipes.reward_model:RewardModelConfig")),
     "demo": (RUN, Section("demo", "tilt.pipelines.demo:DemoConfig"), LORA),
+    "bond": (RUN, Section("bond", "tilt.recipes.bond:BONDConfig"), SAMPLING, DATA, LORA),
+    "bonbon": (RUN, Section("bonbon", "tilt.recipes.bonbon:BoNBoNConfig"), SAMPLING, DATA, LORA),
+    "apo": (RUN, Section("apo", "tilt.recipes.apo:APOConfig"), SAMPLING, DATA, LORA),
+    "qrpo": (RUN, Section("qrpo", "tilt.recipes.qrpo:QRPOConfig"), SAMPLING, DATA, LORA),
 }
 """Every command's config tree, in the order the YAML file and ``--help`` show it."""
 

@@ -624,14 +624,15 @@ def _write_failure(run_dir: Path, tmp: Path, what: str, exc: OSError) -> Checkpo
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer: torch.optim.Optimizer, *,
-                    extra: dict | None = None, keep: int = 2) -> Path:
+                    extra: dict | None = None, keep: int = 2, extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint ``step`` atomically (see the module docstring), then delete all but the ``keep`` newest
     checkpoints (0 = keep all).
 
     Saved: the model (safetensors) and tokenizer, the optimizer state (tensors in trainer_state.safetensors,
     the rest in trainer_state.json), ``step`` (updates done, which is also the data position: the recipes draw
-    a step's prompts as a pure function of the step), the global RNG states, ``extra`` (JSON), and, last,
-    checksums.json. Any OSError (a full disk) removes the temporary folder, writes RUN/FAILED if it can, and is
+    a step's prompts as a pure function of the step), the global RNG states, ``extra`` (JSON), ``extra_tensors``
+    (in trainer_state.safetensors under their own names, which must not start with ``optimizer.`` or ``rng.``; read
+    back with ``load_trainer_state``), and, last, checksums.json. Any OSError (a full disk) removes the temporary folder, writes RUN/FAILED if it can, and is
     raised as one CheckpointWriteError that says so.
     """
     from safetensors.torch import save_file
@@ -653,6 +654,10 @@ def save_checkpoint(run_dir: str | Path, step: int, model, tokenizer, optimizer:
         optim_tree = _encode(optimizer.state_dict(), tensors, "optimizer")
         rng, rng_tensors = rng_state()
         tensors.update(rng_tensors)
+        for name, value in (extra_tensors or {}).items():
+            if name in tensors or name.startswith(("optimizer.", "rng.")):
+                raise ValueError(f"extra tensor name {name!r} clashes with the optimizer or RNG state; rename it")
+            tensors[name] = value.detach().cpu().contiguous()
         save_file(tensors, str(tmp / STATE_TENSORS))
         state = {"format": FORMAT_VERSION, "step": step, "data_position": {"step": step}, "rng": rng,
                  "optimizer": optim_tree, "extra": extra or {}}
