@@ -21,7 +21,8 @@ demo: $(STAMP)
 	$(VENV)/bin/tilt demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	# two workers: the suite is single-threaded per test (tests/conftest.py), so a 2-core machine runs two at once
+	$(PY) -m pytest -q -n 2
 
 BENCH_VENV := .venv-bench
 BENCH_PY := $(BENCH_VENV)/bin/python
