@@ -36,6 +36,12 @@ def world(tmp_path_factory):
                 "apo": {"steps": 4, "prompts_per_step": 2, "samples_per_prompt": 2, "value_samples": 4, "beta": 0.5,
                         "value_beta": 0.5, "lr": "1e-2", "seed": 1},
                 "sampling": {"max_new_tokens": 4}},
+        "online-dpo": {"run": {**common, "prompts": "prompts.jsonl", "reward": "regex:[aeiou]", "sample_every": 2},
+                       "online_dpo": {"steps": 4, "prompts_per_step": 2, "lr": "1e-2", "seed": 1},
+                       "sampling": {"max_new_tokens": 4}, "eval": {"eval_samples_per_prompt": 2}},
+        "xpo": {"run": {**common, "prompts": "prompts.jsonl", "reward": "regex:[aeiou]", "sample_every": 2},
+                "xpo": {"steps": 4, "prompts_per_step": 2, "lr": "1e-2", "alpha": 0.01, "seed": 1},
+                "sampling": {"max_new_tokens": 4}, "eval": {"eval_samples_per_prompt": 2}},
         "reward-model": {"run": {**common, "preferences": "pairs.jsonl"},
                          "reward_model": {"epochs": 2, "pairs_per_step": 2, "lr": "1e-2"}, "eval": {"held_out": 0.2}},
     }
@@ -45,7 +51,7 @@ def world(tmp_path_factory):
 
 
 RECIPE_MODULES = {"kl-rl": "tilt.recipes.kl_rl", "dpo": "tilt.recipes.dpo", "reward-model": "tilt.recipes.reward_model",
-                  "apo": "tilt.recipes.apo"}
+                  "apo": "tilt.recipes.apo", "online-dpo": "tilt.recipes.online_dpo", "xpo": "tilt.recipes.online_dpo"}
 
 
 def sigterm_at(monkeypatch, command: str, at_step: int) -> None:
@@ -81,7 +87,7 @@ def weights(folder):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["kl-rl", "dpo", "reward-model", "apo"])
+@pytest.mark.parametrize("command", ["kl-rl", "dpo", "reward-model", "apo", "online-dpo", "xpo"])
 def test_sigterm_checkpoints_exits_143_and_the_resume_reproduces_the_uninterrupted_run(world, tmp_path, monkeypatch, capsys, command):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     config = str(world / f"{command}.yaml")
