@@ -243,7 +243,7 @@ def train_dpo(config: dict, secs: dict, run_dir: Path, *, resume: bool, signals:
     policy, ref, tokenizer = load_policy_and_ref(run, lora, None, checkpoint)
     data = load_run_data(run.preferences, secs["data"], tokenizer, log=log)
     check_run_context(data, policy.model.config, tokenizer, max_new_tokens=None, path=run.preferences)
-    train_rows, eval_rows = split_pairs(data.rows, secs["eval"].held_out, cfg.seed) if secs["eval"].held_out > 0 else (data.rows, [])
+    train_rows, eval_rows = split_pairs(data.rows, secs["eval"].held_out, cfg.seed)  # held_out 0: every row trains
     pairs = preference_pairs(policy, train_rows)
     eval_pairs = preference_pairs(policy, eval_rows) if eval_rows else None
     ref_logprobs = dpo.reference_logprobs(ref, pairs, cfg.micro_batch_size)  # once, reused by every step
