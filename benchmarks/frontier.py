@@ -69,7 +69,11 @@ def parse(argv=None):
     p.add_argument("--reward", default="sentiment")
     p.add_argument("--steps", type=int, default=60, help="most training steps (default 60)")
     p.add_argument("--eval-every", type=int, default=5, help="steps between held-out evaluations (default 5)")
-    p.add_argument("--eval-samples", type=int, default=8, help="samples per held-out prompt per evaluation (default 8)")
+    p.add_argument("--eval-samples", type=int, default=4, help="samples per held-out prompt per evaluation (default 4)")
+    p.add_argument("--eval-prompts", type=int, default=24, help="evaluate on the frontier's first P held-out prompts, the "
+                   "frontier recomputed on them (default 24; the shipped frontier has 100)")
+    p.add_argument("--train-prompts", type=int, default=None, help="train on the first P training openings (default: all 240; "
+                   "ctrl, vbon and bc-bon sample the reference for each)")
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--samples-per-prompt", type=int, default=4)
     p.add_argument("--lr", type=float, default=None, help="default: the method's own (DEFAULT_LR)")
@@ -88,28 +92,18 @@ def parse(argv=None):
 
 # --- evaluation and read-off ----------------------------------------------------------------------------------------
 class Evaluator:
-    """Held-out evaluation against the frontier's own reference samples: the same prompts, the same reference."""
+    """Held-out evaluation against the frontier's own reference samples (``tilt.frontier.evaluate_on_frontier``)."""
 
     def __init__(self, frontier, ref, reward_fn, samples: int, seed: int):
         self.frontier, self.ref, self.reward_fn, self.samples, self.seed = frontier, ref, reward_fn, samples, seed
-        self.prompts = frontier.data["prompts"]
-        self.ref_rewards = torch.tensor(frontier.data["ref_rewards"], dtype=torch.float64)
 
     def __call__(self, policy, step: int, seconds: float) -> dict:
-        from tilt.evaluation import bootstrap_mean, draw_scored
-        from tilt.math.infalign import bootstrap_win_rate
+        from tilt.frontier import evaluate_on_frontier
         from tilt.recipes.common import derive_seed
 
-        g = torch.Generator().manual_seed(derive_seed(self.seed, "bench-eval", step))
-        d = draw_scored(policy, self.prompts, self.samples, self.reward_fn, generator=g, ref=self.ref)
-        boot = dict(generator=torch.Generator().manual_seed(derive_seed(self.seed, "bench-boot", step)), num_resamples=300)
-        row = {"step": step, "seconds": seconds}
-        for key, triple in (("kl_ref", bootstrap_mean(d.seq_log_ratio, **boot)), ("reward_mean", bootstrap_mean(d.rewards, **boot)),
-                            ("win_rate", bootstrap_win_rate(d.rewards, self.ref_rewards, **boot))):
-            row[key], row[f"{key}_ci"] = triple[0], [triple[1], triple[2]]
-        row.update(self.frontier.efficiency(row))
-        row["example"] = d.completions[0][0]
-        return row
+        metrics, draws = evaluate_on_frontier(self.frontier, policy, self.ref, self.reward_fn, samples_per_prompt=self.samples,
+                                              seed=derive_seed(self.seed, "bench-eval", step), num_resamples=300)
+        return {"step": step, "seconds": seconds, **metrics, "example": draws.completions[0][0]}
 
 
 def read_off(evals: list[dict], kl: float, frontier) -> dict | None:
@@ -267,7 +261,7 @@ def run(args) -> int:
     if path.exists() and json.loads(path.read_text()).get("done") and not args.force:
         print(f"{args.method}: already done ({path}); --force reruns it")
         return 0
-    frontier = Frontier.load(args.frontier)
+    frontier = Frontier.load(args.frontier).head(args.eval_prompts)
     max_new = frontier.data["meta"].get("max_new_tokens")
     if max_new is None:
         raise SystemExit(f"{args.frontier} does not say its max_new_tokens; rebuild it with `tilt frontier`")
@@ -277,7 +271,7 @@ def run(args) -> int:
     policy = HFPolicy(model, tokenizer, sampling)
     reward_fn = reward_from_spec(args.reward)
     evaluate = Evaluator(frontier, ref, reward_fn, args.eval_samples, args.seed)
-    train_prompts = task_prompts("train")
+    train_prompts = task_prompts("train")[:args.train_prompts]
     start = time.perf_counter()
     record = {"method": args.method, "args": vars(args), "frontier": str(args.frontier), "evals": [], "done": False,
               "load": open("/proc/loadavg").read().split()[:3]}
@@ -322,15 +316,15 @@ def table(args) -> int:
     from tilt.cli.output import table as fmt_table
     from tilt.frontier import Frontier, plot_frontier
 
-    frontier = Frontier.load(args.frontier)
     out = Path(args.out)
-    rows, runs = [], {}
+    frontier, rows, runs = None, [], {}
     for method in METHODS:
         path = out / f"{method}.json"
         if not path.exists():
             continue
         rec = json.loads(path.read_text())
         runs[method] = rec["evals"]
+        frontier = frontier or Frontier.load(args.frontier).head(rec["args"].get("eval_prompts") or 100)
         for kl in TARGET_KLS:
             r = (rec.get("read_off") or {}).get(str(kl))
             if r is None:
@@ -339,6 +333,8 @@ def table(args) -> int:
             rows.append([method, kl, f"{r['efficiency']:.2f} [{r['efficiency_ci'][0]:.2f}, {r['efficiency_ci'][1]:.2f}]",
                          f"{r['win_rate']:.3f} [{r['win_rate_ci'][0]:.3f}, {r['win_rate_ci'][1]:.3f}]", f"{r['frontier_win_rate']:.3f}",
                          f"{r['reward_mean']:+.3f} [{r['reward_mean_ci'][0]:+.3f}, {r['reward_mean_ci'][1]:+.3f}]", f"{r['seconds']:.0f}"])
+    if frontier is None:
+        raise SystemExit(f"no finished method in {out}")
     print(fmt_table(["method", "KL", "efficiency", "win rate", "WR*(KL)", "mean reward", "train s"], rows))
     plot = plot_frontier(frontier, out / "frontier.png", runs=runs)
     print(f"plot: {plot}")

@@ -163,6 +163,19 @@ class Frontier:
                          "beyond reach" if kl > self.reach_kl else ""])
         return header, rows
 
+    def head(self, prompts: int, config: "FrontierConfig | None" = None) -> "Frontier":
+        """The frontier of the first ``prompts`` prompts only (recomputed from their stored reference rewards), for an
+        evaluation on those prompts: WR*(KL) is an average over prompts, so it must be the same prompts' average."""
+        rewards = torch.tensor(self.data["ref_rewards"], dtype=torch.float64)
+        if not 1 <= prompts <= rewards.shape[0]:
+            raise ValueError(f"the frontier has {rewards.shape[0]} prompts; asked for the first {prompts}")
+        if prompts == rewards.shape[0]:
+            return self
+        meta = {k: v for k, v in self.data["meta"].items() if k not in _COMPUTED_META}
+        names = self.data.get("prompts")
+        return frontier_from_rewards(rewards[:prompts], config or FrontierConfig(), meta=meta,
+                                     prompts=names[:prompts] if names is not None else None)
+
     def save(self, path: str | Path) -> Path:
         """Write the frontier as JSON, atomically (a temporary file, then a rename)."""
         path = Path(path)
@@ -180,6 +193,11 @@ class Frontier:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"{str(path)!r} is not a frontier file (format {FORMAT}); build one with `tilt frontier`")
         return Frontier(data)
+
+
+_COMPUTED_META = ("prompts", "samples_per_prompt", "reach_kl", "level", "num_resamples", "bootstrap_seed", "ref_reward_mean",
+                  "tie_fraction")
+"""Meta keys frontier_from_rewards computes; the others (model, reward, max_new_tokens, ...) describe the task."""
 
 
 def frontier_from_rewards(ref_rewards: torch.Tensor, config: FrontierConfig = FrontierConfig(), *,
@@ -216,6 +234,41 @@ def frontier_from_rewards(ref_rewards: torch.Tensor, config: FrontierConfig = Fr
         "ref_rewards": ref_rewards.tolist(),
     }
     return Frontier(data)
+
+
+# --- a policy against the frontier --------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_on_frontier(frontier: Frontier, policy: Policy, ref: Policy, reward_fn: RewardFn, *, samples_per_prompt: int,
+                         seed: int, num_resamples: int = 500) -> tuple[dict[str, Any], Any]:
+    """Held-out evaluation of ``policy`` on the frontier's own prompts, against the frontier's own reference samples:
+    ``samples_per_prompt`` samples of each prompt from ``policy`` (``tilt.evaluation.draw_scored``), then
+
+    * ``kl_ref``: KL(pi || pi_ref) by k1, the mean sequence log-ratio (the frontier's KL axis is the same quantity);
+    * ``reward_mean``; ``win_rate``: W(pi > pi_ref) against the m stored reference rewards of each prompt, ties
+      counted half (``tilt.math.infalign.bootstrap_win_rate``);
+    * each with a two-level bootstrap interval (``_ci``), and the efficiency keys of ``Frontier.efficiency``.
+
+    The reference is used only to score the policy's samples (a forward pass); it is never sampled. Returns
+    (metrics, the draws)."""
+    from tilt.evaluation import draw_scored
+    from tilt.math.bootstrap import bootstrap_mean
+    from tilt.math.infalign import bootstrap_win_rate
+
+    prompts = frontier.data.get("prompts")
+    if prompts is None:
+        raise ValueError("this frontier file does not list its prompts; rebuild it with `tilt frontier`")
+    ref_rewards = torch.tensor(frontier.data["ref_rewards"], dtype=torch.float64)
+    draws = draw_scored(policy, prompts, samples_per_prompt, reward_fn, ref=ref,
+                        generator=torch.Generator().manual_seed(derive_seed(seed, "frontier-eval", "sample")))
+    boot = dict(generator=torch.Generator().manual_seed(derive_seed(seed, "frontier-eval", "bootstrap")),
+                num_resamples=num_resamples)
+    metrics: dict[str, Any] = {}
+    for key, (value, low, high) in (("kl_ref", bootstrap_mean(draws.seq_log_ratio, **boot)),
+                                    ("reward_mean", bootstrap_mean(draws.rewards, **boot)),
+                                    ("win_rate", bootstrap_win_rate(draws.rewards, ref_rewards, **boot))):
+        metrics[key], metrics[f"{key}_ci"] = value, [low, high]
+    metrics.update(frontier.efficiency(metrics))
+    return metrics, draws
 
 
 # --- the plot ------------------------------------------------------------------------------------------------------
