@@ -1,11 +1,13 @@
 """`tilt demo` end to end on a tiny model (the real demo uses the embedded 135M model: `make demo`)."""
 import json
+import math
 
 import pytest
 
 from tilt.cli import main
-from tilt.pipelines.demo import demo_prompts
 from tilt.engine.tiny import char_tokenizer, tiny_gpt2
+from tilt.frontier import Frontier, task_prompts
+from tilt.pipelines.demo import SHIPPED_FRONTIER, DemoConfig, demo_prompts, uses_shipped_frontier
 
 
 def test_demo_prompts_ship_with_the_package():
@@ -29,5 +31,32 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
     steps = {json.loads(line)["step"] for line in (run / "samples.jsonl").read_text().splitlines()}
     assert steps == {0, 2}
     evals = [json.loads(line) for line in (run / "evals.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in evals] == [1, 2] and "Reward and win rate as KL grows" in out
+    assert [e["step"] for e in evals] == [1, 2] and "Reward, win rate and efficiency as KL grows" in out
     assert (run / "report" / "report.html").is_file() and (run / "final" / "config.json").is_file()
+    assert (run / "frontier.png").is_file() and "efficiency (WR - 1/2) / (WR* - 1/2)" in out
+    # a tiny model is not the shipped frontier's: the demo drew its own, on the first held-out openings
+    frontier = Frontier.load(run / "frontier.json")
+    assert frontier.data["prompts"] == task_prompts("heldout")[:DemoConfig().eval_prompts]
+    assert frontier.data["meta"]["samples_per_prompt"] == DemoConfig().frontier_samples
+    for e in evals:  # the efficiency is the ratio at the policy's own KL, read off the saved frontier
+        star = frontier.wr_star(max(e["kl_ref"], 0.0))
+        assert e["frontier_win_rate"] == pytest.approx(star)
+        if star > 0.5:
+            assert e["efficiency"] == pytest.approx((e["win_rate"] - 0.5) / (star - 0.5))
+        else:  # at KL 0 nothing beats the reference: the ratio is undefined
+            assert math.isnan(e["efficiency"])
+
+
+def test_the_shipped_frontier_is_the_held_out_openings_and_used_only_where_it_applies():
+    shipped = Frontier.load(SHIPPED_FRONTIER)
+    meta = shipped.data["meta"]
+    assert shipped.data["prompts"] == task_prompts("heldout")[:meta["prompts"]]
+    assert (meta["model"], meta["reward"], meta["max_new_tokens"]) == ("embedded", "sentiment", DemoConfig().max_new_tokens)
+    d = DemoConfig()
+    assert uses_shipped_frontier(d, "embedded", "", ("sentiment",))
+    assert uses_shipped_frontier(d, "embedded", "embedded", ("sentiment",))
+    assert not uses_shipped_frontier(d, "embedded", "other-ref", ("sentiment",))
+    assert not uses_shipped_frontier(d, "some/model", "", ("sentiment",))
+    assert not uses_shipped_frontier(d, "embedded", "", ("sentiment", "length"))
+    assert not uses_shipped_frontier(DemoConfig(max_new_tokens=16), "embedded", "", ("sentiment",))
+    assert not uses_shipped_frontier(DemoConfig(eval_prompts=meta["prompts"] + 1), "embedded", "", ("sentiment",))

@@ -1,9 +1,11 @@
-"""``tilt demo``: align the embedded SmolLM2-135M-Instruct toward positive reviews, and show what changed.
+"""``tilt demo``: align the embedded SmolLM2-135M-Instruct toward positive reviews, and show how close it got.
 
-KL-regularised RL (REINFORCE with a leave-one-out baseline) with a VADER sentiment reward on short review
-openings; before and after training, on held-out openings: mean reward, KL to the reference and win rate
-against the reference, each with a 95% bootstrap interval; three sample pairs; a report in the run directory.
-Sized for about 10 minutes on 2 CPU cores.
+KL-regularised RL (REINFORCE with a leave-one-out baseline) with a VADER sentiment reward on the openings task
+(240 training openings); evaluated during training on held-out openings against the task's frontier, the best
+win rate against the reference achievable at each KL (docs/frontier.md): mean reward, KL to the reference, win
+rate against the reference, WR*(KL) and the efficiency (WR - 1/2)/(WR*(KL) - 1/2), each with a 95% bootstrap
+interval; three sample pairs; the frontier plot and a report in the run directory. Sized for under 10 minutes on
+2 CPU cores.
 
 The config is the one shape of every tilt train command (a run: section, here with model embedded and reward
 sentiment, then the demo: and lora: sections); every field is also a flag (--steps 8, --run.model DIR).
@@ -67,49 +69,82 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def demo_frontier(d, run, ref, reward, held_out: list[str], log):
+    """The frontier of the demo's held-out openings: the given file, the shipped one, or drawn here."""
+    from tilt.frontier import Frontier, FrontierConfig, draw_reference_rewards, frontier_from_rewards
+    from tilt.pipelines.demo import SHIPPED_FRONTIER, uses_shipped_frontier
+
+    if d.frontier or uses_shipped_frontier(d, run.model, run.ref, tuple(run.reward)):
+        path = d.frontier or SHIPPED_FRONTIER
+        frontier = Frontier.load(path)
+        if frontier.data.get("prompts") is None or len(frontier.data["prompts"]) < d.eval_prompts:
+            raise ValueError(f"{path} holds fewer than eval_prompts = {d.eval_prompts} prompts; lower --eval_prompts")
+        length = frontier.data["meta"].get("max_new_tokens")
+        if length is not None and length != d.max_new_tokens:
+            raise ValueError(f"{path} was drawn with max_new_tokens {length}, the demo samples {d.max_new_tokens}: "
+                             "set --max_new_tokens to match or leave --frontier empty to draw one here")
+        print(f"      frontier: {path} (first {d.eval_prompts} openings, m = {frontier.data['meta']['samples_per_prompt']} "
+              "reference samples each)", file=log, flush=True)
+        return frontier.head(d.eval_prompts)
+    print(f"      drawing the frontier here: {d.frontier_samples} reference samples of each of {len(held_out)} held-out "
+          "openings (the shipped one is for model embedded, reward sentiment, 24 tokens)", file=log, flush=True)
+    rewards = draw_reference_rewards(ref, held_out, d.frontier_samples, reward, seed=d.seed)
+    return frontier_from_rewards(rewards, FrontierConfig(num_resamples=200), prompts=held_out,
+                                 meta={"model": run.model, "reward": ",".join(run.reward), "max_new_tokens": d.max_new_tokens})
+
+
 def demo(config: dict, sections: dict, run_dir: Path, signals, log) -> dict | int:
     from tilt.engine.hf import SamplingConfig
-    from tilt.evaluation import EvalConfig, evaluate
-    from tilt.pipelines.demo import demo_prompts
+    from tilt.evaluation import draw_scored
+    from tilt.frontier import evaluate_on_frontier, plot_frontier, task_prompts
+    from tilt.math.bootstrap import bootstrap_mean
     from tilt.recipes import kl_rl
-    from tilt.recipes.common import build_optimizer
+    from tilt.recipes.common import build_optimizer, derive_seed
     from tilt.report import build_report
     from tilt.runs import directory as runs
     from tilt.runs.loop import RunLoop
     from tilt.runs.setup import build_reward, check_models, check_run_context, final_model, load_policy_and_ref
 
+    import torch
+
     run, d = sections["run"], sections["demo"]
     run.require("demo", ("model", "reward"))
     check_models(run)
-    prompts = demo_prompts()
-    train_prompts, held_out = prompts[:24], prompts[24:]
+    train_prompts, held_out = task_prompts("train"), task_prompts("heldout")[:d.eval_prompts]
     print(f"[1/4] loading {run.model!r} (the first use of embedded converts the shipped GGUF file once, ~30-60 s)", file=log, flush=True)
     policy, ref, tokenizer = load_policy_and_ref(run, sections["lora"], SamplingConfig(max_new_tokens=d.max_new_tokens), None)
-    check_run_context(prompts, policy.model.config, tokenizer, max_new_tokens=d.max_new_tokens, path="the demo's prompts")
+    check_run_context(train_prompts + held_out, policy.model.config, tokenizer, max_new_tokens=d.max_new_tokens,
+                      path="the demo's openings")
     reward = build_reward(run)
-    eval_config = EvalConfig(samples_per_prompt=d.eval_samples, seed=d.seed)
-    recipe = kl_rl.KLRLConfig(beta=d.beta, steps=d.steps, prompts_per_step=d.prompts_per_step,
+    frontier = demo_frontier(d, run, ref, reward, held_out, log)
+    held_out = list(frontier.data["prompts"])
+    recipe = kl_rl.KLRLConfig(beta=d.beta, steps=d.steps, prompts_per_step=d.prompts_per_step, warmup_steps=d.warmup_steps,
                               samples_per_prompt=d.samples_per_prompt, lr=d.lr, seed=d.seed)
     out = runs.create_run(run_dir, config)
+    frontier.save(out / "frontier.json")
     eval_steps = d.eval_steps()
-    print(f"[2/4] training {d.steps} steps of KL-regularised RL (beta {d.beta}), {d.prompts_per_step} x "
-          f"{d.samples_per_prompt} completions per step\n      evaluated on {len(held_out)} held-out openings at steps "
-          f"{', '.join(map(str, eval_steps))}; training stops early if the KL estimate exceeds the budget of {d.kl_budget} nats",
-          file=log, flush=True)
+    print(f"[2/4] training at most {d.steps} steps of KL-regularised RL (beta {d.beta}, lr {d.lr:g}), {d.prompts_per_step} x "
+          f"{d.samples_per_prompt} completions per step from {len(train_prompts)} training openings\n      evaluated on "
+          f"{len(held_out)} held-out openings at steps {', '.join(map(str, eval_steps))}; training stops early if the KL "
+          f"estimate exceeds the budget of {d.kl_budget:g} nats", file=log, flush=True)
     trajectory: list[tuple[int, dict]] = []  # (step, evaluation metrics)
     latest: dict = {}
 
     def evaluate_at(done: int) -> None:
         if done not in eval_steps:
             return
-        ev = evaluate(eval_config, policy, ref, reward, held_out)  # samples both sides: the reference's are "before"
-        trajectory.append((done, ev.metrics))
-        runs.append_jsonl(out / "evals.jsonl", {"step": done, "model": f"the policy at step {done}", "ref": run.model,
-                                                "reward": ",".join(run.reward), **ev.metrics})
-        if ev.metrics["kl_ref"] > d.kl_budget:
+        metrics, draws = evaluate_on_frontier(frontier, policy, ref, reward, samples_per_prompt=d.eval_samples,
+                                              seed=derive_seed(d.seed, "demo-eval", done))
+        trajectory.append((done, metrics))
+        runs.append_jsonl(out / "evals.jsonl", {"step": done, "model": f"the policy at step {done}", "ref": run.ref or run.model,
+                                                "reward": ",".join(run.reward), **metrics})
+        print(f"      step {done}: held-out KL {metrics['kl_ref']:.3f}, win rate {metrics['win_rate']:.3f}, best achievable "
+              f"at that KL {metrics['frontier_win_rate']:.3f}, efficiency {metrics['efficiency']:.2f}", file=log, flush=True)
+        if metrics["kl_ref"] > d.kl_budget:
             raise OverBudget(done)
         # the newest policy within the budget is the one the demo keeps
-        latest.update(evaluation=ev, step=done, state={k: v.detach().clone() for k, v in policy.model.state_dict().items()})
+        latest.update(metrics=metrics, draws=draws, step=done,
+                      state={k: v.detach().clone() for k, v in policy.model.state_dict().items()})
 
     optimizer = build_optimizer(recipe.optimizer, [p for p in policy.parameters() if p.requires_grad], recipe.lr)
     loop = RunLoop("demo", out, steps=d.steps, start=0, signals=signals, save=None, checkpoint_every=0,
@@ -123,52 +158,68 @@ def demo(config: dict, sections: dict, run_dir: Path, signals, log) -> dict | in
     except OverBudget as over:
         if "state" not in latest:
             raise ValueError(f"the first evaluation (step {over.args[0]}) is already over the KL budget of {d.kl_budget} "
-                             "nats: raise --kl_budget or --beta, or lower --lr") from None
+                             "nats: raise --kl_budget or --beta, lower --lr, or evaluate earlier (--evals)") from None
         policy.model.load_state_dict(latest["state"])
-        stopped = (f" (at step {over.args[0]} the KL estimate exceeded the {d.kl_budget}-nat budget: "
+        stopped = (f" (at step {over.args[0]} the KL estimate exceeded the {d.kl_budget:g}-nat budget: "
                    f"kept the policy of step {latest['step']})")
-    after, last_step = latest["evaluation"], latest["step"]
-    for step, draws in ((0, after.ref), (last_step, after.policy)):
-        for p, cs, rs in zip(held_out, draws.completions, draws.rewards.tolist()):
-            for c, r in zip(cs, rs):
-                runs.append_jsonl(out / "samples.jsonl", {"step": step, "prompt": p, "completion": c, "reward": float(r)})
-    print("[3/4] writing the trained model and the report", file=log, flush=True)
+    m, draws, last_step = latest["metrics"], latest["draws"], latest["step"]
+    ref_rewards = torch.tensor(frontier.data["ref_rewards"], dtype=torch.float64)
+    ref_mean = bootstrap_mean(ref_rewards, generator=torch.Generator().manual_seed(derive_seed(d.seed, "demo-ref")), num_resamples=500)
+    before = draw_scored(ref, held_out[:3], 1, reward, generator=torch.Generator().manual_seed(derive_seed(d.seed, "demo-before")))
+    for p, c, r in zip(held_out[:3], before.completions, before.rewards.tolist()):
+        runs.append_jsonl(out / "samples.jsonl", {"step": 0, "prompt": p, "completion": c[0], "reward": float(r[0])})
+    for p, cs, rs in zip(held_out, draws.completions, draws.rewards.tolist()):
+        for c, r in zip(cs, rs):
+            runs.append_jsonl(out / "samples.jsonl", {"step": last_step, "prompt": p, "completion": c, "reward": float(r)})
+    print("[3/4] writing the trained model, the frontier plot and the report", file=log, flush=True)
     final = runs.save_final(out, final_model(policy.model), tokenizer)
+    plot = plot_frontier(frontier, out / "frontier.png", runs={"tilt demo (KL-RL)": [e for _, e in trajectory]},
+                         title=f"tilt demo: {len(held_out)} held-out openings against the frontier")
     page, _ = build_report(out)
-    m = after.metrics
-    summary = {"run_dir": str(out), "final": str(final), "report": str(page), "step": last_step, "stopped_early": bool(stopped),
-               **{k: m[k] for k in ("reward_mean", "reward_mean_ci", "ref_reward_mean", "ref_reward_mean_ci", "kl_ref",
-                                     "kl_ref_ci", "win_rate", "win_rate_ci")},
-               "trajectory": [{"step": s, "kl_ref": e["kl_ref"], "reward_mean": e["reward_mean"], "win_rate": e["win_rate"]}
+    summary = {"run_dir": str(out), "final": str(final), "report": str(page), "frontier_plot": str(plot), "step": last_step,
+               "stopped_early": bool(stopped), "ref_reward_mean": ref_mean[0], "ref_reward_mean_ci": [ref_mean[1], ref_mean[2]],
+               **{k: m[k] for k in ("reward_mean", "reward_mean_ci", "kl_ref", "kl_ref_ci", "win_rate", "win_rate_ci", "efficiency",
+                                     "efficiency_ci", "frontier_win_rate", "frontier_win_rate_ci", "beyond_reach")},
+               "frontier": {str(kl): frontier.wr_star(kl) for kl in (0.5, 1.0, 2.0)},
+               "trajectory": [{"step": s, **{k: e[k] for k in ("kl_ref", "reward_mean", "win_rate", "frontier_win_rate", "efficiency")}}
                               for s, e in trajectory]}
-    return {"summary": summary, "after": after, "held_out": held_out, "trajectory": trajectory, "stopped": stopped,
-            "last_step": last_step, "run": out, "page": page}
+    return {"summary": summary, "metrics": m, "draws": draws, "before": before, "held_out": held_out, "trajectory": trajectory,
+            "stopped": stopped, "last_step": last_step, "run": out, "page": page, "plot": plot, "frontier": frontier}
 
 
 def show(result: dict, d, seconds: float) -> None:
     from tilt.report import show_divergence
 
-    after, held_out, m = result["after"], result["held_out"], result["after"].metrics
+    m, s, held_out, frontier = result["metrics"], result["summary"], result["held_out"], result["frontier"]
+    m_ref = frontier.data["meta"]["samples_per_prompt"]
     rows = [  # before training the policy is the reference: KL is 0 and the win rate 1/2 exactly
-        ("mean reward (VADER compound, -1..1)", _ci(m, "ref_reward_mean"), _ci(m, "reward_mean")),
+        ("mean reward (VADER compound, -1..1)", _ci(s, "ref_reward_mean"), _ci(m, "reward_mean")),
         ("KL(pi || pi_ref), nats", "0 (exactly)", show_divergence(m["kl_ref"], m["kl_ref_ci"], estimator="k1", digits=3)),
         ("win rate against pi_ref", "0.5 (exactly)", _ci(m, "win_rate")),
+        ("best achievable win rate at this KL (WR*)", "0.5", _ci(m, "frontier_win_rate")),
+        ("efficiency (WR - 1/2) / (WR* - 1/2)", "", _ci(m, "efficiency")),
     ]
-    print(f"\n[4/4] On {len(held_out)} held-out openings, {d.eval_samples} samples each per side "
-          f"(95% bootstrap intervals){result['stopped']}:\n")
+    print(f"\n[4/4] On {len(held_out)} held-out openings, {d.eval_samples} policy samples each against {m_ref} reference "
+          f"samples each (95% bootstrap intervals){result['stopped']}:\n")
     print(table(["", "before (the reference)", f"after {result['last_step']} steps"], rows))
-    print(f"\nReward and win rate as KL grows (KL budget {d.kl_budget:g} nats):\n")
-    print(table(["step", "KL(pi || pi_ref)", "mean reward", "win rate"],
-                [(0, "0", m["ref_reward_mean"], 0.5)]
-                + [(st, show_divergence(e["kl_ref"], estimator="k1", digits=3), e["reward_mean"], e["win_rate"])
-                   for st, e in result["trajectory"]]))
-    print("\nThree openings, a sample of the reference (before) and of the trained policy (after):\n")
-    for i in range(3):
-        b, a = after.ref.completions[i][0], after.policy.completions[i][0]
-        rb, ra = after.ref.rewards[i][0].item(), after.policy.rewards[i][0].item()
+    if m["beyond_reach"]:
+        print(f"(the KL is past what {m_ref} reference samples resolve: WR* is under-stated there, the efficiency over-stated)")
+    print(f"\nThe frontier of these openings: the best win rate against pi_ref is {frontier.wr_star(0.5):.3f} at KL 0.5, "
+          f"{frontier.wr_star(1.0):.3f} at KL 1 and {frontier.wr_star(2.0):.3f} at KL 2 (the calibrated tilt; docs/frontier.md)."
+          f"\nReward, win rate and efficiency as KL grows (KL budget {d.kl_budget:g} nats):\n")
+    print(table(["step", "KL(pi || pi_ref)", "mean reward", "win rate", "WR*(KL)", "efficiency"],
+                [(0, "0", f"{s['ref_reward_mean']:.3f}", "0.5", "0.5", "")]
+                + [(st, show_divergence(e["kl_ref"], estimator="k1", digits=3), f"{e['reward_mean']:.3f}", f"{e['win_rate']:.3f}",
+                    f"{e['frontier_win_rate']:.3f}", f"{e['efficiency']:.2f}") for st, e in result["trajectory"]]))
+    print("\nThree held-out openings, a sample of the reference (before) and of the trained policy (after):\n")
+    before, after = result["before"], result["draws"]
+    for i in range(min(3, len(held_out))):
+        b, a = before.completions[i][0], after.completions[i][0]
+        rb, ra = before.rewards[i][0].item(), after.rewards[i][0].item()
         print(f"  {held_out[i]!r}")
         print(textwrap.indent(textwrap.fill(f"before ({rb:+.2f}): {b.strip()}", 100), "    "))
         print(textwrap.indent(textwrap.fill(f"after  ({ra:+.2f}): {a.strip()}", 100), "    "))
     print(f"\nRun directory: {result['run']}   (model in {result['run'] / 'final'})")
+    print(f"Frontier plot: {result['plot']}")
     print(f"Report: {result['page']}")
     print(f"Done in {seconds:.0f} s.")

@@ -1,38 +1,68 @@
-"""``tilt demo``: align a model (the embedded SmolLM2-135M-Instruct by default) toward positive reviews, and measure
-what changed: KL-regularised RL with a sentiment reward on short review openings, evaluated on held-out openings
-during training (reward, KL to the reference, win rate against it, with bootstrap intervals), stopped at a KL
-budget. The command (tilt/cli/demo.py) prints the tables; this module trains and measures."""
+"""``tilt demo``: align a model (the embedded SmolLM2-135M-Instruct by default) toward positive continuations of short
+review openings, and measure how close it got to the best achievable: KL-regularised RL with a sentiment reward on
+the openings task (docs/frontier.md: 240 training and 120 held-out openings), evaluated during training on held-out
+openings against the task's frontier (win rate against the reference, KL to it, mean reward, efficiency
+(WR - 1/2)/(WR*(KL) - 1/2), each with a bootstrap interval), stopped at a KL budget. The command (tilt/cli/demo.py)
+prints the tables; this module holds its settings, prompts and frontier."""
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+SHIPPED_FRONTIER = ASSETS / "frontier_openings_m32.json"
+"""The frontier of the first 100 held-out openings: 32 samples of each from the embedded model, 24 new tokens, scored
+by the sentiment reward (`tilt frontier --model embedded --reward sentiment --limit 100 --samples 32
+--max-new-tokens 24`; docs/frontier.md)."""
+
 
 def demo_prompts() -> list[str]:
-    """The shipped review openings (32): the first 24 train, the last 8 are held out for evaluation."""
-    text = (Path(__file__).resolve().parent.parent / "assets" / "review_openings.jsonl").read_text(encoding="utf-8")
+    """The short review openings of earlier versions of the demo (32), still used by examples and tests."""
+    text = (ASSETS / "review_openings.jsonl").read_text(encoding="utf-8")
     return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """The demo's own settings (the model and the reward are in the run section: model embedded, reward sentiment)."""
+    """The demo's own settings (the model and the reward are in the run section: model embedded, reward sentiment).
+    Defaults measured on the frontier benchmark (docs/frontier.md, "the demo's defaults")."""
 
-    steps: int = field(default=24, metadata={"help": "training steps; sized for about 10 minutes on 2 CPU cores"})
-    beta: float = field(default=0.1, metadata={"help": "KL coefficient"})
-    kl_budget: float = field(default=4.0, metadata={"help": "KL(pi || pi_ref) budget in nats: training stops at the first evaluation over it and keeps the policy of the evaluation before"})
-    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate"})
-    evals: int = field(default=6, metadata={"help": "evaluations during training, evenly spaced"})
-    prompts_per_step: int = field(default=4, metadata={"help": "prompts per step"})
-    samples_per_prompt: int = field(default=4, metadata={"help": "completions per prompt (the leave-one-out baseline needs 2)"})
-    max_new_tokens: int = field(default=16, metadata={"help": "completion length limit (tokens)"})
-    eval_samples: int = field(default=12, metadata={"help": "samples per held-out prompt, per side, in each evaluation"})
+    steps: int = field(default=30, metadata={"help": "most training steps; sized for about 6 minutes of training on 2 CPU cores"})
+    beta: float = field(default=0.05, metadata={"help": "KL coefficient (0.05: TRL's RLOO default, and the recipe's)"})
+    kl_budget: float = field(default=1.5, metadata={"help": "KL(pi || pi_ref) budget in nats: training stops at the first evaluation "
+                                                    "over it and keeps the policy of the evaluation before"})
+    lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate (docs/frontier.md: where the KL goes)"})
+    warmup_steps: int = field(default=0, metadata={"help": "steps of linear learning-rate warm-up"})
+    evals: int = field(default=3, metadata={"help": "evaluations during training, evenly spaced"})
+    prompts_per_step: int = field(default=4, metadata={"help": "training openings per step (drawn from the 240)"})
+    samples_per_prompt: int = field(default=4, metadata={"help": "completions per opening (the leave-one-out baseline needs 2)"})
+    max_new_tokens: int = field(default=24, metadata={"help": "completion length limit (tokens); 24 is the shipped frontier's"})
+    eval_prompts: int = field(default=16, metadata={"help": "held-out openings evaluated (the first ones of the frontier's)"})
+    eval_samples: int = field(default=8, metadata={"help": "policy samples per held-out opening in each evaluation"})
+    frontier: str = field(default="", metadata={"help": "a frontier.json of these held-out openings (`tilt frontier`); empty = "
+                                                "the shipped one when model, reference, reward and max_new_tokens are the "
+                                                "demo's, else one drawn here from frontier_samples reference samples"})
+    frontier_samples: int = field(default=16, metadata={"help": "reference samples per held-out opening when the frontier is drawn here"})
     seed: int = field(default=0, metadata={"help": "seed of prompt order, sampling and evaluation"})
 
     def __post_init__(self):
-        if self.steps < 1 or self.evals < 1 or self.eval_samples < 2 or self.kl_budget <= 0:
-            raise ValueError("steps and evals must be >= 1, eval_samples >= 2 and kl_budget > 0")
+        if self.steps < 1 or self.evals < 1 or self.eval_samples < 1 or self.kl_budget <= 0:
+            raise ValueError("steps and evals must be >= 1, eval_samples >= 1 and kl_budget > 0")
+        if not 1 <= self.eval_prompts <= 120:
+            raise ValueError(f"eval_prompts must be in 1..120 (the held-out openings), got {self.eval_prompts}")
+        if self.frontier_samples < 2:
+            raise ValueError(f"frontier_samples must be >= 2, got {self.frontier_samples}")
 
     def eval_steps(self) -> list[int]:
         return sorted({max(1, round(self.steps * (i + 1) / self.evals)) for i in range(self.evals)})
+
+
+def uses_shipped_frontier(config: DemoConfig, model: str, ref: str, reward: tuple[str, ...]) -> bool:
+    """Whether the shipped frontier describes this demo: the same reference model, reward and completion length, and
+    no more held-out openings than it holds. (LoRA's reference, the adapter-disabled model, is the same model.)"""
+    from tilt.frontier import Frontier
+
+    meta = Frontier.load(SHIPPED_FRONTIER).data["meta"]
+    return (model == meta["model"] and ref in ("", meta["model"]) and tuple(reward) == (meta["reward"],)
+            and config.max_new_tokens == meta["max_new_tokens"] and config.eval_prompts <= meta["prompts"])
