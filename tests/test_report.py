@@ -9,6 +9,7 @@ import re
 import pytest
 import yaml
 
+from test_evaluate import world  # noqa: F401  (the fixture of tiny unigram models, for tilt eval)
 from tilt.report import build_report, divergence_estimator, load_run, reward_of
 
 STEPS = 24
@@ -243,3 +244,108 @@ def test_divergence_keys_name_their_estimator():
     assert [divergence_estimator(k) for k in ("kl_ref", "kl_ref_k3", "target_kl_target_policy", "is_js", "kl_clone",
                                                "before_kl_init", "reward", "target_log_z", "target_ess_fraction", "kl_budget")] == \
         ["k1", "k3", "SNIS", "IS", "k1", "k1", None, None, None, None]
+
+
+# --- efficiency and the frontier ---------------------------------------------------------------------------------
+def small_frontier(prompts: int = 6, samples: int = 16):
+    """A frontier of random reference rewards (P, m), with few bootstrap resamples: only its format matters here."""
+    import torch
+
+    from tilt.frontier import FrontierConfig, frontier_from_rewards
+
+    rewards = torch.randn(prompts, samples, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return frontier_from_rewards(rewards, FrontierConfig(num_resamples=20), prompts=[f"p{i}" for i in range(prompts)])
+
+
+def _evals_table_rows(text: str) -> tuple[str, list[list[str]]]:
+    table = text.split("<h4>Evaluations</h4>", 1)[1].split("</table>", 1)[0]
+    return table, [_cells(r) for r in re.findall(r"<tr>(.*?)</tr>", table, flags=re.S)[1:]]
+
+
+@pytest.mark.slow  # two runs' pages with a dozen PNGs
+def test_evaluations_against_a_frontier_show_efficiency_and_are_drawn_over_it(tmp_path, monkeypatch):
+    import base64
+
+    import tilt.frontier
+
+    frontier = small_frontier()
+    plain, scored = _eval_row(4, 0.3, 0.58), _eval_row(8, 0.6, 0.66)
+    scored.update(frontier.efficiency(scored))
+    run = write_run(tmp_path / "demo", "kl-rl", evals=[plain, scored])
+    frontier.save(run / "frontier.json")
+    other_row = _eval_row(24, 0.2, 0.55)
+    other = write_run(tmp_path / "other", "kl-rl", evals=[other_row])
+    drawn = {}
+    real_plot = tilt.frontier.plot_frontier
+
+    def spy(f, path, *, runs=None, title=None):
+        drawn.update(runs)
+        return real_plot(f, path, runs=runs, title=title)
+
+    monkeypatch.setattr(tilt.frontier, "plot_frontier", spy)
+    page, plots = build_report(run, [other])
+    text = check_page(page)
+
+    table, rows = _evals_table_rows(text)
+    assert "<th>WR*(KL)</th>" in table and "<th>efficiency [95% interval]</th>" in table
+    assert all("n/a: evaluated without --frontier" in cell for cell in rows[0][-2:])  # the plain evaluation
+    e, star = scored["efficiency"], scored["frontier_win_rate"]
+    assert 0 < e < 2 and 0.5 < star < 1
+    assert rows[1][-1].startswith(f"{e:.3g} [{scored['efficiency_ci'][0]:.3g}, {scored['efficiency_ci'][1]:.3g}]")
+    assert rows[1][-2].startswith(f"{star:.3g} [{scored['frontier_win_rate_ci'][0]:.3g}, ")
+    headline = re.search(r"<p class='headline'><b>(.*?)</b></p>", text).group(1)
+    assert "step 8" in headline and f"= {e:.3g} [" in headline and f"WR*(KL) = {star:.3g} [" in headline
+    assert "efficiency, last evaluation" in text  # the overview: this run's last efficiency, the other run's "n/a"
+
+    png = page.parent / "frontier.png"
+    assert plots["frontier"] == png and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"src='data:image/png;base64,{base64.b64encode(png.read_bytes()).decode('ascii')}'" in text
+    caption = text.split("<h2>Against the KL–win-rate frontier</h2>", 1)[1].split("</figcaption>", 1)[0]
+    assert "frontier.png" in caption and "beyond reach of m = 16 samples" in caption and "(WR − ½)/(WR*(KL) − ½)" in caption
+    assert "95% bootstrap interval" in caption
+    # the run's scored evaluation is its curve (the plain one was not scored against this frontier); the compared
+    # run, with no frontier of its own, is drawn and labelled as not scored
+    assert drawn == {"demo": [{k: scored[k] for k in ("kl_ref", "win_rate", "win_rate_ci")}],
+                     "other (not scored against this frontier)": [{k: other_row[k] for k in ("kl_ref", "win_rate", "win_rate_ci")}]}
+
+
+def test_no_frontier_no_frontier_plot_nor_columns(tmp_path):
+    run = write_run(tmp_path / "r", "kl-rl", evals=[_eval_row(4, 0.3, 0.58)])
+    page, plots = build_report(run)
+    text = check_page(page)
+    assert "frontier" not in plots and not (page.parent / "frontier.png").exists()
+    assert "WR*(KL)</th>" not in text and "Against the KL–win-rate frontier" not in text
+    assert "no efficiency (evaluated without a frontier" in text
+
+
+@pytest.mark.slow  # one evaluation of tiny models and one report
+def test_eval_record_with_a_frontier_writes_efficiency_and_keeps_the_frontier(tmp_path, capsys, world):
+    from test_evaluate import PROMPTS, T, cli, count_a, policy_of
+
+    from tilt.cli.evaluate import keep_frontier
+    from tilt.frontier import Frontier, FrontierConfig, draw_reference_rewards, frontier_from_rewards
+
+    rewards = draw_reference_rewards(policy_of(world, "flat"), PROMPTS, 16, count_a, seed=0)
+    frontier_file = frontier_from_rewards(rewards, FrontierConfig(num_resamples=20), prompts=PROMPTS).save(tmp_path / "f.json")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward": 0.1 * s, "kl_ref": 0.01 * s}) + "\n" for s in (1, 2)))
+    cli(["eval", "--model", world / "likes_a", "--ref", world / "flat", "--prompts", world / "prompts.jsonl",
+         "--reward", f"{world / 'rewards.py'}:count_a", "--samples", 8, "--resamples", 50, "--max-new-tokens", T,
+         "--frontier", frontier_file, "--record", run, "--json"], capsys)
+    row = json.loads((run / "evals.jsonl").read_text().splitlines()[-1])
+    for key in ("efficiency", "efficiency_ci", "efficiency_ci_total", "frontier_win_rate", "frontier_win_rate_ci", "beyond_reach"):
+        assert key in row, key
+    assert row["frontier_win_rate"] == pytest.approx(Frontier.load(frontier_file).wr_star(row["kl_ref"]))
+    assert (run / "frontier.json").read_bytes() == frontier_file.read_bytes()
+    assert sorted(p.name for p in run.iterdir()) == ["evals.jsonl", "frontier.json", "metrics.jsonl"]  # no temporary left
+
+    page, plots = build_report(run)
+    text = check_page(page)
+    assert "frontier" in plots and "<th>efficiency [95% interval]</th>" in text
+
+    other = small_frontier().save(tmp_path / "other.json")  # a run keeps the frontier it holds, and says so
+    capsys.readouterr()
+    keep_frontier(str(run), str(other))
+    assert (run / "frontier.json").read_bytes() == frontier_file.read_bytes()
+    assert "differs from --frontier" in capsys.readouterr().err

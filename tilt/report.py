@@ -12,6 +12,9 @@ It reads the run directory format (see ``docs/eval_and_sample.md`` and ``docs/ru
   (``reward``) come from it; shown as text;
 * ``RUN/evals.jsonl`` (optional): rows written by ``tilt eval --record RUN`` or by training (with a ``step``);
 * ``RUN/summary.json`` (optional): the numbers measured after training (preference recipes);
+* ``RUN/frontier.json`` (optional): the task's KL–win-rate frontier (``tilt.frontier``, written by ``tilt frontier``
+  and copied there by ``tilt eval --frontier F --record RUN``): the page then draws the runs' evaluations over it
+  (frontier.png), and evaluations carrying ``efficiency`` / ``frontier_win_rate`` show them in their table;
 * a pipeline run (``tilt pipeline demo-rl`` / ``demo-rlhf``): ``RUN/stages/<stage>/`` (completed stages, each with
   its metrics.jsonl and ``stage.json``) and ``RUN/work/<stage>/`` (the stage in progress).
 
@@ -107,6 +110,7 @@ class Run:
     summary_name: str = "summary.json"
     recipe: str = "kl-rl"  # kl-rl, ctrl, dpg, dpo, online-dpo, xpo, reward-model, bc, preferences, demo-rl, demo-rlhf
     stages: tuple = ()  # a pipeline run's stages, as Runs, in pipeline order
+    frontier: object = None  # tilt.frontier.Frontier read from RUN/frontier.json, or None
 
 
 def read_jsonl(path: Path, *, require_step: bool = True) -> list[dict]:
@@ -205,11 +209,22 @@ def _load_pipeline(path: Path, config_text: str | None, config: dict | None) -> 
     rl = next((s for s in stages if s.name.startswith("rl")), None)
     pipeline = (config or {}).get("pipeline") or "pipeline"
     return Run(path=path, name=path.resolve().name, metrics=rl.metrics if rl else [], samples=_samples(path / "samples.jsonl"),
-               config_text=config_text, evals=_evals(path), config=config, summary=None, recipe=str(pipeline), stages=tuple(stages))
+               config_text=config_text, evals=_evals(path), config=config, summary=None, recipe=str(pipeline), stages=tuple(stages),
+               frontier=_frontier(path))
 
 
 def _evals(path: Path) -> list[dict]:
     return read_jsonl(path / "evals.jsonl", require_step=False) if (path / "evals.jsonl").is_file() else []
+
+
+def _frontier(path: Path):
+    """RUN/frontier.json as a ``tilt.frontier.Frontier``, or None when the run holds none; a file that is not a
+    frontier is an error naming it."""
+    if not (path / "frontier.json").is_file():
+        return None
+    from tilt.frontier import Frontier
+
+    return Frontier.load(path / "frontier.json")
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -229,7 +244,7 @@ def load_run(run_dir: str | Path) -> Run:
         raise ValueError(f"{metrics_path} holds no metrics: the run has not logged a step yet")
     return Run(path=path, name=path.resolve().name, metrics=metrics, samples=_samples(path / "samples.jsonl"),
                config_text=config_text, evals=_evals(path), config=config, summary=_read_json(path / "summary.json"),
-               recipe=infer_recipe(config, metrics))
+               recipe=infer_recipe(config, metrics), frontier=_frontier(path))
 
 
 def reward_of(run: Run) -> str:
@@ -525,7 +540,11 @@ EVAL_WIN_RATES = (("win_rate", "o", "standard"), ("win_rate_bon", "s", "best-of-
 
 
 def _interval(row: dict, key: str) -> tuple[float, float] | None:
-    ci = row.get(f"{key}_ci")
+    return _pair(row.get(f"{key}_ci"))
+
+
+def _pair(ci) -> tuple[float, float] | None:
+    """An interval [low, high] of two finite numbers, else None."""
     if isinstance(ci, list) and len(ci) == 2 and all(_number(v) is not None for v in ci):
         return float(ci[0]), float(ci[1])
     return None
@@ -698,11 +717,71 @@ def _dict_table(d: dict) -> str:
     return _table(["quantity", "value"], rows)
 
 
+FRONTIER_COLUMNS = (("WR*(KL)", "frontier_win_rate"), ("efficiency [95% interval]", "efficiency"))
+"""Columns of the evaluations table when some evaluation was scored against a frontier (``tilt eval --frontier``)."""
+NO_FRONTIER = "n/a: evaluated without --frontier"
+
+
+def has_efficiency(evals: Sequence[dict]) -> bool:
+    """Whether some evaluation carries the keys of ``tilt.frontier.Frontier.efficiency``."""
+    return any(k in row for row in evals for _, k in FRONTIER_COLUMNS)
+
+
+def _ci_text(row: dict, key: str) -> str:
+    ci = _interval(row, key)
+    return f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else ""
+
+
+def _frontier_cell(row: dict, key: str) -> str:
+    """WR* at the evaluation's KL, or its efficiency, with the interval; "n/a" with the reason where there is none."""
+    if key not in row:
+        return _na(NO_FRONTIER)
+    v = _number(row[key])
+    if v is None:  # NaN ("nan" once written): WR*(KL) is ½ at KL 0, and the ratio is undefined
+        return _na("n/a: WR*(KL) = ½ at this KL, the ratio is undefined")
+    text = _e(f"{v:.3g}{_ci_text(row, key)}")
+    if key == "efficiency" and _pair(row.get("efficiency_ci_total")):
+        lo, hi = _pair(row["efficiency_ci_total"])
+        text += f"<br><span class='note'>{_e(f'[{lo:.3g}, {hi:.3g}] with the KL and frontier uncertainty')}</span>"
+    if key == "frontier_win_rate" and row.get("beyond_reach") is True:
+        text += "<br><span class='note'>beyond reach: under-stated</span>"
+    return text
+
+
+def last_evaluation_text(run: Run) -> str | None:
+    """One sentence on the run's last evaluation (the last row of evals.jsonl): its win rate and KL with their
+    intervals and, when it was scored against a frontier, its efficiency and WR* at its KL with theirs."""
+    if not run.evals:
+        return None
+    row = run.evals[-1]
+    step = row.get("step")
+    where = f"step {step}" if step is not None else str(row.get("model") or "tilt eval --record")
+    text = f"Last evaluation ({where}):"
+    if _number(row.get("win_rate")) is not None:
+        text += f" win rate {_number(row['win_rate']):.3g}{_ci_text(row, 'win_rate')} against the reference"
+    if _number(row.get("kl_ref")) is not None:
+        text += f" at KL {show_divergence(row['kl_ref'], _interval(row, 'kl_ref'), estimator='k1', digits=3)}"
+    if "efficiency" not in row:
+        return text + "; no efficiency (evaluated without a frontier: tilt eval --frontier FILE --record RUN adds it)."
+    eff, star = _number(row.get("efficiency")), _number(row.get("frontier_win_rate"))
+    text += (f"; efficiency (WR − ½)/(WR*(KL) − ½) = {eff:.3g}{_ci_text(row, 'efficiency')}" if eff is not None
+             else "; efficiency undefined (WR*(KL) = ½ at this KL)")
+    if _pair(row.get("efficiency_ci_total")):
+        lo, hi = _pair(row["efficiency_ci_total"])
+        text += f" ([{lo:.3g}, {hi:.3g}] with the KL's and the frontier's uncertainty)"
+    if star is not None:
+        text += f", where the frontier's best win rate is WR*(KL) = {star:.3g}{_ci_text(row, 'frontier_win_rate')}"
+    if row.get("beyond_reach") is True:
+        text += " (beyond the frontier's reach: WR* is under-stated there, the efficiency over-stated)"
+    return text + "."
+
+
 def _evals_html(run: Run) -> str:
     if not run.evals:
         return ""
     cols = [("KL(pi || ref)", "kl_ref"), ("reward", "reward_mean"), ("reference reward", "ref_reward_mean"), ("win rate", "win_rate"),
             ("best-of-N", "win_rate_bon"), ("worst-of-N", "win_rate_won")]
+    frontier_cols = list(FRONTIER_COLUMNS) if has_efficiency(run.evals) else []
     rows = []
     for row in run.evals:
         step = row.get("step")
@@ -716,10 +795,68 @@ def _evals_html(run: Run) -> str:
         for _, key in cols:
             reason = "no --best-of" if key in ("win_rate_bon", "win_rate_won") else "not measured"
             cells.append(_value_html(key, row.get(key), _interval(row, key), reason=reason))
+        cells += [_frontier_cell(row, key) for _, key in frontier_cols]
         rows.append(cells)
-    return ("<h4>Evaluations</h4><p class='note'>Each on held-out prompts against the reference; intervals are bootstrap "
-            "intervals (KL's clipped at 0: the truth is never negative).</p>"
-            + _table(["step", "model", "reference", "reward", "N"] + [c for c, _ in cols], rows, numeric_from=5))
+    note = ("Each on held-out prompts against the reference; intervals are bootstrap intervals (KL's clipped at 0: the truth "
+            "is never negative).")
+    if frontier_cols:
+        note += (" WR*(KL): the frontier's best win rate at the evaluation's KL; efficiency = (WR − ½)/(WR*(KL) − ½), its "
+                 "interval from the win rate's, and below it the interval with the KL's and the frontier's uncertainty too.")
+    return (f"<h4>Evaluations</h4><p class='headline'><b>{_e(last_evaluation_text(run))}</b></p><p class='note'>{_e(note)}</p>"
+            + _table(["step", "model", "reference", "reward", "N"] + [c for c, _ in cols + frontier_cols], rows, numeric_from=5))
+
+
+# --- the frontier ----------------------------------------------------------------------------------------------------
+def frontier_evals(evals: Sequence[dict]) -> tuple[list[dict], bool]:
+    """(the evaluations to draw over a frontier, whether they were scored against one): those carrying ``efficiency``
+    when some do, else every one with a KL and a win rate; each reduced to ``kl_ref``, ``win_rate`` and a finite
+    ``win_rate_ci`` (what ``tilt.frontier.plot_frontier`` reads)."""
+    usable = [r for r in evals if _number(r.get("kl_ref")) is not None and _number(r.get("win_rate")) is not None]
+    scored = [r for r in usable if "efficiency" in r]
+    rows = []
+    for r in scored or usable:
+        ci = _interval(r, "win_rate")
+        rows.append({"kl_ref": _number(r["kl_ref"]), "win_rate": _number(r["win_rate"]), **({"win_rate_ci": list(ci)} if ci else {})})
+    return rows, bool(scored)
+
+
+def _frontier_html(runs: Sequence[Run], plots: _Plots) -> str:
+    """The first run's frontier (RUN/frontier.json) with every run's evaluations over it, and its caption."""
+    frontier = runs[0].frontier
+    if frontier is None:
+        return ""
+    from tilt.frontier import plot_frontier
+
+    curves, notes, past = {}, [], 0
+    right = max(frontier.kl)
+    for run in runs:
+        if run.frontier is not None and run.frontier.data != frontier.data:
+            notes.append(f"{run.name} holds a frontier.json of its own, different from this one: its evaluations are not drawn")
+            continue
+        rows, scored = frontier_evals(run.evals)
+        if not rows:
+            continue
+        label = run.name if scored else f"{run.name} (not scored against this frontier)"
+        curves[label] = rows
+        past += sum(r["kl_ref"] > right for r in rows)
+    meta = frontier.data["meta"]
+    m, level = meta["samples_per_prompt"], meta.get("level", 0.95)
+    caption = (f"The KL–win-rate frontier of the task (frontier.json: {meta['prompts']} prompts, m = {m} reference samples "
+               "each). Blue line: WR*(KL), the best win rate against pi_ref that any policy can reach at KL(pi || pi_ref) = "
+               "KL, that of pi_ref tilted by the calibrated reward (the share of reference samples a completion beats); "
+               f"blue band: the frontier's {round(100 * level)}% bootstrap interval. Dashed: best-of-N of pi_ref; dotted: "
+               f"pi_ref tilted by the reward itself. Shaded grey: KL beyond reach of m = {m} samples (past "
+               f"{frontier.reach_kl:.2f} nats = log m − 1), where the frontier rests on each prompt's top samples and is "
+               "under-stated. Points: each run's evaluations in order (error bars: win-rate intervals); an evaluation's "
+               "efficiency = (WR − ½)/(WR*(KL) − ½) at its own KL is 1 on the frontier and 0 for pi_ref.")
+    if past:
+        caption += f" {past} evaluation{'s lie' if past > 1 else ' lies'} past the right edge (KL above log m)."
+    if not curves:
+        caption += " No run has evaluations to draw (tilt eval RUN --frontier frontier.json --record RUN adds them)."
+    if notes:
+        caption += " " + "; ".join(notes) + "."
+    fig = plots.custom("frontier", lambda path: plot_frontier(frontier, path, runs=curves), caption)
+    return "<h2>Against the KL–win-rate frontier</h2>" + _grid([fig])
 
 
 # --- samples -------------------------------------------------------------------------------------------------------
@@ -945,7 +1082,13 @@ def render_report(runs: Sequence[Run], out_dir: Path, *, max_prompts: int = 20) 
              "raw values (an unbiased estimator such as k1 can fall below 0).</p>"]
     overview = [(_e(r.name), _e(RECIPE_TITLES.get(r.recipe, r.recipe)), _e(reward_of(r)),
                  _e(r.metrics[-1]["step"]) if r.metrics else _na("no steps"), f"<code>{_e(r.path)}</code>") for r in runs]
-    parts.append(_table(["run", "recipe", "reward", "last step", "path"], overview, numeric_from=3))
+    headers = ["run", "recipe", "reward", "last step", "path"]
+    if any(has_efficiency(r.evals) for r in runs):  # the efficiency of each run's last evaluation, side by side
+        headers.append("efficiency, last evaluation")
+        overview = [(*cells, _frontier_cell(r.evals[-1], "efficiency") if r.evals else _na("no evaluation"))
+                    for cells, r in zip(overview, runs)]
+    parts.append(_table(headers, overview, numeric_from=3))
+    parts.append(_frontier_html(runs, plots))
     if len(runs) > 1:
         parts.append(_comparison_html(runs, plots))
     for i, run in enumerate(runs):

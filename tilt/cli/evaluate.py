@@ -127,7 +127,8 @@ def add_eval_parser(sub) -> None:
                    help="also estimate, from the model's samples, how far it is from the tilted target pi* ∝ ref·exp(reward/B): "
                    "log Z, KL both ways, TV, JS (95%% intervals) and the ESS, the target_* keys the KL-RL recipe logs (default: off)")
     p.add_argument("--record", metavar="RUN_DIR", default=None,
-                   help="also append the JSON object to RUN_DIR/evals.jsonl, for `tilt report` (win rate against KL across runs)")
+                   help="also append the JSON object to RUN_DIR/evals.jsonl, for `tilt report` (win rate against KL across runs); "
+                   "with --frontier, also copy the frontier file to RUN_DIR/frontier.json when RUN_DIR has none")
     p.add_argument("--show", type=int, default=3, metavar="M", help="sample pairs printed below the table (default 3; not with --json)")
     p.add_argument("--frontier", metavar="FILE", default=None,
                    help="a frontier.json of the same reference, reward and prompts (`tilt frontier`): also report the efficiency "
@@ -173,6 +174,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if frontier is not None:
         report.update(frontier.efficiency(m))
     if args.record:
+        if args.frontier:
+            keep_frontier(args.record, args.frontier)
         record_eval(args.record, report)
     if args.json:
         print_json(report)
@@ -246,6 +249,25 @@ def from_run(args: argparse.Namespace) -> None:
         args.max_new_tokens = config["sampling"].get("max_new_tokens")
     print(f"# tilt eval {run}: model {args.model}, reference {args.ref}, prompts {args.prompts}, reward "
           f"{args.reward}", file=sys.stderr, flush=True)
+
+
+def keep_frontier(run_dir: str, frontier_file: str) -> Path:
+    """Copy the frontier file an evaluation was scored against to RUN_DIR/frontier.json, for `tilt report` to draw the
+    run's evaluations over it; atomically (a temporary file, then a rename). A run that holds one already keeps it, and a
+    different one is named on stderr (the efficiency recorded then refers to --frontier, not to RUN_DIR's frontier)."""
+    import os
+    import shutil
+
+    target = Path(run_dir) / "frontier.json"
+    if target.exists():
+        if target.read_bytes() != Path(frontier_file).read_bytes():
+            print(f"# {target} differs from --frontier {frontier_file}: kept as it is; this evaluation's efficiency is "
+                  "against --frontier", file=sys.stderr, flush=True)
+        return target
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.copyfile(frontier_file, tmp)
+    os.replace(tmp, target)
+    return target
 
 
 def record_eval(run_dir: str, report: dict) -> Path:
