@@ -276,3 +276,23 @@ def test_eval_reports_efficiency_against_a_frontier(tmp_path, capsys):
     assert m["efficiency"] == pytest.approx((m["win_rate"] - 0.5) / (m["frontier_win_rate"] - 0.5))
     assert 0 < m["efficiency"] <= 1.2  # a unigram tilt toward 'a' is near the frontier for a count of 'a', never far above
     assert m["efficiency_ci"][0] < m["efficiency"] < m["efficiency_ci"][1]
+
+
+def test_head_and_for_prompts_recompute_the_frontier_of_the_first_prompts():
+    g = torch.Generator().manual_seed(3)
+    rewards = torch.cat([torch.randint(0, 2, (3, 8), generator=g).double(), torch.randn(3, 8, generator=g)])  # ties, then none
+    prompts = [f"p{i}" for i in range(6)]
+    full = frontier_from_rewards(rewards, FrontierConfig(num_resamples=20), prompts=prompts, meta={"max_new_tokens": 7})
+    head = full.head(3)
+    # the frontier of the first three prompts' rows, not the whole set's: tied rewards are harder to win
+    assert head.data["curves"] == frontier_from_rewards(rewards[:3], FrontierConfig(num_resamples=20)).data["curves"]
+    assert head.wr_star(0.5) < full.wr_star(0.5) - 0.02
+    assert head.data["prompts"] == prompts[:3] and head.data["meta"]["max_new_tokens"] == 7
+    assert head.data["meta"]["prompts"] == 3 and full.head(6) is full
+    assert full.for_prompts(prompts[:3]).data["ref_rewards"] == head.data["ref_rewards"]
+    with pytest.raises(ValueError, match="prompt 1 differs"):
+        full.for_prompts(["p0", "q1"])
+    with pytest.raises(ValueError, match="has 6 prompts; 7 are evaluated"):
+        full.for_prompts(prompts + ["p6"])
+    with pytest.raises(ValueError, match="asked for the first 9"):
+        full.head(9)

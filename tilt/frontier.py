@@ -173,8 +173,28 @@ class Frontier:
             return self
         meta = {k: v for k, v in self.data["meta"].items() if k not in _COMPUTED_META}
         names = self.data.get("prompts")
-        return frontier_from_rewards(rewards[:prompts], config or FrontierConfig(), meta=meta,
+        own = self.data["meta"]  # the same bootstrap as the whole frontier's, unless told otherwise
+        config = config or FrontierConfig(num_resamples=own["num_resamples"], level=own["level"], seed=own["bootstrap_seed"])
+        return frontier_from_rewards(rewards[:prompts], config, meta=meta,
                                      prompts=names[:prompts] if names is not None else None)
+
+    def for_prompts(self, prompts: Sequence[Any], where: str = "the frontier") -> "Frontier":
+        """The frontier of exactly ``prompts``, which must be its own first len(prompts) prompts in order (an
+        evaluation with ``--limit`` keeps the first ones); raises naming the first prompt that differs."""
+        own = self.data.get("prompts")
+        if own is None:
+            if len(prompts) != self.data["meta"]["prompts"]:
+                raise ValueError(f"{where} does not list its prompts and has {self.data['meta']['prompts']}, not "
+                                 f"{len(prompts)}: rebuild it with `tilt frontier` on the same prompts")
+            return self
+        if len(prompts) > len(own):
+            raise ValueError(f"{where} has {len(own)} prompts; {len(prompts)} are evaluated: evaluate at most {len(own)} "
+                             "(--limit) or rebuild the frontier on these prompts")
+        for i, (mine, theirs) in enumerate(zip(own, prompts)):
+            if mine != theirs:
+                raise ValueError(f"prompt {i} differs from {where}'s ({str(theirs)[:60]!r} against {str(mine)[:60]!r}): the "
+                                 "frontier must be of the same prompts, in the same order")
+        return self.head(len(prompts))
 
     def save(self, path: str | Path) -> Path:
         """Write the frontier as JSON, atomically (a temporary file, then a rename)."""

@@ -164,6 +164,8 @@ def run_eval(args: argparse.Namespace) -> int:
     policy = _load_policy(args.model, sampling, trust_remote_code=args.trust_remote_code)
     ref = _load_ref(args.ref, policy, args.model, sampling, trust_remote_code=args.trust_remote_code)
     prompts, columns, data = _prompts(args, policy)
+    if frontier is not None:  # before any sampling: WR*(KL) is an average over the same prompts
+        frontier = frontier.for_prompts(prompts, where=str(args.frontier))
     reward_fn = _bound(reward_fn, data)
     with _progress(2 * len(prompts) * args.samples, "sampling") as bar:
         result = evaluate(config, policy, ref, reward_fn, prompts, columns=columns, progress=bar.update)
