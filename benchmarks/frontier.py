@@ -70,8 +70,8 @@ def parse(argv=None):
     p.add_argument("--steps", type=int, default=60, help="most training steps (default 60)")
     p.add_argument("--eval-every", type=int, default=5, help="steps between held-out evaluations (default 5)")
     p.add_argument("--eval-samples", type=int, default=4, help="samples per held-out prompt per evaluation (default 4)")
-    p.add_argument("--eval-prompts", type=int, default=24, help="evaluate on the frontier's first P held-out prompts, the "
-                   "frontier recomputed on them (default 24; the shipped frontier has 100)")
+    p.add_argument("--eval-prompts", type=int, default=None, help="evaluate on the frontier's first P held-out prompts, the "
+                   "frontier recomputed on them (default: all of them; the shipped frontier has 100)")
     p.add_argument("--train-prompts", type=int, default=None, help="train on the first P training openings (default: all 240; "
                    "ctrl, vbon and bc-bon sample the reference for each)")
     p.add_argument("--prompts-per-step", type=int, default=8)
@@ -261,7 +261,8 @@ def run(args) -> int:
     if path.exists() and json.loads(path.read_text()).get("done") and not args.force:
         print(f"{args.method}: already done ({path}); --force reruns it")
         return 0
-    frontier = Frontier.load(args.frontier).head(args.eval_prompts)
+    frontier = Frontier.load(args.frontier)
+    frontier = frontier.head(args.eval_prompts or frontier.data["meta"]["prompts"])
     max_new = frontier.data["meta"].get("max_new_tokens")
     if max_new is None:
         raise SystemExit(f"{args.frontier} does not say its max_new_tokens; rebuild it with `tilt frontier`")
@@ -324,7 +325,9 @@ def table(args) -> int:
             continue
         rec = json.loads(path.read_text())
         runs[method] = rec["evals"]
-        frontier = frontier or Frontier.load(args.frontier).head(rec["args"].get("eval_prompts") or 100)
+        if frontier is None:
+            frontier = Frontier.load(args.frontier)
+            frontier = frontier.head(rec["args"].get("eval_prompts") or frontier.data["meta"]["prompts"])
         for kl in TARGET_KLS:
             r = (rec.get("read_off") or {}).get(str(kl))
             if r is None:

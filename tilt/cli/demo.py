@@ -106,6 +106,7 @@ def demo(config: dict, sections: dict, run_dir: Path, signals, log) -> dict | in
     from tilt.runs.setup import build_reward, check_models, check_run_context, final_model, load_policy_and_ref
 
     import torch
+    from tqdm import tqdm
 
     run, d = sections["run"], sections["demo"]
     run.require("demo", ("model", "reward"))
@@ -138,8 +139,8 @@ def demo(config: dict, sections: dict, run_dir: Path, signals, log) -> dict | in
         trajectory.append((done, metrics))
         runs.append_jsonl(out / "evals.jsonl", {"step": done, "model": f"the policy at step {done}", "ref": run.ref or run.model,
                                                 "reward": ",".join(run.reward), **metrics})
-        print(f"      step {done}: held-out KL {metrics['kl_ref']:.3f}, win rate {metrics['win_rate']:.3f}, best achievable "
-              f"at that KL {metrics['frontier_win_rate']:.3f}, efficiency {metrics['efficiency']:.2f}", file=log, flush=True)
+        tqdm.write(f"      step {done}: held-out KL {metrics['kl_ref']:.3f}, win rate {metrics['win_rate']:.3f}, best achievable "
+                   f"at that KL {metrics['frontier_win_rate']:.3f}, efficiency {metrics['efficiency']:.2f}", file=log)
         if metrics["kl_ref"] > d.kl_budget:
             raise OverBudget(done)
         # the newest policy within the budget is the one the demo keeps
@@ -204,8 +205,12 @@ def show(result: dict, d, seconds: float) -> None:
     print(table(["", "before (the reference)", f"after {result['last_step']} steps"], rows))
     if m["beyond_reach"]:
         print(f"(the KL is past what {m_ref} reference samples resolve: WR* is under-stated there, the efficiency over-stated)")
-    print(f"\nThe frontier of these openings: the best win rate against pi_ref is {frontier.wr_star(0.5):.3f} at KL 0.5, "
-          f"{frontier.wr_star(1.0):.3f} at KL 1 and {frontier.wr_star(2.0):.3f} at KL 2 (the calibrated tilt; docs/frontier.md)."
+    def star(kl: float) -> str:
+        value = frontier.wr_star(kl)
+        return f"{value:.3f}" if value == value else f"beyond reach of {m_ref} samples"
+
+    print(f"\nThe frontier of these openings: the best win rate against pi_ref is {star(0.5)} at KL 0.5, "
+          f"{star(1.0)} at KL 1 and {star(2.0)} at KL 2 (the calibrated tilt; docs/frontier.md)."
           f"\nReward, win rate and efficiency as KL grows (KL budget {d.kl_budget:g} nats):\n")
     print(table(["step", "KL(pi || pi_ref)", "mean reward", "win rate", "WR*(KL)", "efficiency"],
                 [(0, "0", f"{s['ref_reward_mean']:.3f}", "0.5", "0.5", "")]
