@@ -337,7 +337,7 @@ def test_eval_record_with_a_frontier_writes_efficiency_and_keeps_the_frontier(tm
     for key in ("efficiency", "efficiency_ci", "efficiency_ci_total", "frontier_win_rate", "frontier_win_rate_ci", "beyond_reach"):
         assert key in row, key
     assert row["frontier_win_rate"] == pytest.approx(Frontier.load(frontier_file).wr_star(row["kl_ref"]))
-    assert (run / "frontier.json").read_bytes() == frontier_file.read_bytes()
+    assert Frontier.load(run / "frontier.json").data == Frontier.load(frontier_file).data
     assert sorted(p.name for p in run.iterdir()) == ["evals.jsonl", "frontier.json", "metrics.jsonl"]  # no temporary left
 
     page, plots = build_report(run)
@@ -346,6 +346,18 @@ def test_eval_record_with_a_frontier_writes_efficiency_and_keeps_the_frontier(tm
 
     other = small_frontier().save(tmp_path / "other.json")  # a run keeps the frontier it holds, and says so
     capsys.readouterr()
-    keep_frontier(str(run), str(other))
-    assert (run / "frontier.json").read_bytes() == frontier_file.read_bytes()
-    assert "differs from --frontier" in capsys.readouterr().err
+    kept = (run / "frontier.json").read_bytes()
+    keep_frontier(str(run), Frontier.load(other), str(other))
+    assert (run / "frontier.json").read_bytes() == kept
+    assert "differs from the frontier of --frontier" in capsys.readouterr().err
+
+    # an evaluation of the first prompt only is scored against, and keeps, the frontier of that prompt
+    first = tmp_path / "first"
+    first.mkdir()
+    cli(["eval", "--model", world / "likes_a", "--ref", world / "flat", "--prompts", world / "prompts.jsonl", "--limit", 1,
+         "--reward", f"{world / 'rewards.py'}:count_a", "--samples", 8, "--resamples", 50, "--max-new-tokens", T,
+         "--frontier", frontier_file, "--record", first, "--json"], capsys)
+    row = json.loads((first / "evals.jsonl").read_text().splitlines()[-1])
+    kept = Frontier.load(first / "frontier.json")
+    assert kept.data["prompts"] == PROMPTS[:1] and kept.data["ref_rewards"] == rewards[:1].tolist()
+    assert row["frontier_win_rate"] == pytest.approx(kept.wr_star(max(row["kl_ref"], 0.0)))

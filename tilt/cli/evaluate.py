@@ -176,8 +176,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if frontier is not None:
         report.update(frontier.efficiency(m))
     if args.record:
-        if args.frontier:
-            keep_frontier(args.record, args.frontier)
+        if frontier is not None:
+            keep_frontier(args.record, frontier, args.frontier)
         record_eval(args.record, report)
     if args.json:
         print_json(report)
@@ -253,23 +253,20 @@ def from_run(args: argparse.Namespace) -> None:
           f"{args.reward}", file=sys.stderr, flush=True)
 
 
-def keep_frontier(run_dir: str, frontier_file: str) -> Path:
-    """Copy the frontier file an evaluation was scored against to RUN_DIR/frontier.json, for `tilt report` to draw the
-    run's evaluations over it; atomically (a temporary file, then a rename). A run that holds one already keeps it, and a
-    different one is named on stderr (the efficiency recorded then refers to --frontier, not to RUN_DIR's frontier)."""
-    import os
-    import shutil
+def keep_frontier(run_dir: str, frontier, source: str) -> Path:
+    """Save the frontier an evaluation was scored against (``source``'s, cut to the evaluated prompts) as
+    RUN_DIR/frontier.json, for `tilt report` to draw the run's evaluations over it; atomically (``Frontier.save``). A run
+    that holds one already keeps it, and a different one is named on stderr (the efficiency recorded then refers to
+    --frontier, not to RUN_DIR's frontier)."""
+    from tilt.frontier import Frontier
 
     target = Path(run_dir) / "frontier.json"
     if target.exists():
-        if target.read_bytes() != Path(frontier_file).read_bytes():
-            print(f"# {target} differs from --frontier {frontier_file}: kept as it is; this evaluation's efficiency is "
-                  "against --frontier", file=sys.stderr, flush=True)
+        if Frontier.load(target).data != json.loads(json.dumps(frontier.data)):
+            print(f"# {target} differs from the frontier of --frontier {source} on these prompts: kept as it is; this "
+                  "evaluation's efficiency is against --frontier", file=sys.stderr, flush=True)
         return target
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.copyfile(frontier_file, tmp)
-    os.replace(tmp, target)
-    return target
+    return frontier.save(target)
 
 
 def record_eval(run_dir: str, report: dict) -> Path:
