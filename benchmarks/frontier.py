@@ -28,8 +28,9 @@ Methods (tilt's recipes called directly, not through the command line):
   m reference samples of each training prompt): vBoN / BOND's backward part;
 * ``bond``, ``bonbon``, ``apo``, ``qrpo``: ``tilt.recipes.bond`` (Jeffreys BOND), ``bonbon``, ``apo`` (A*-PO) and
   ``qrpo``, each with its config's own defaults except steps, prompts per step, samples per prompt, N and seed;
-* ``trl-rloo``, ``trl-grpo``: TRL's trainers with their documented defaults; they need the benchmark venv
-  (``make bench`` builds .venv-bench) and run there.
+* ``trl-rloo``, ``trl-grpo``: TRL's trainers with their documented defaults except precision (bf16 only where the
+  CPU has native bfloat16, as tilt's ``auto``) and gradient checkpointing (off, as in tilt); they need the benchmark
+  venv (``make bench`` builds .venv-bench) and run there.
 """
 from __future__ import annotations
 
@@ -135,8 +136,9 @@ def write_atomic(path: Path, data: dict) -> None:
 
 
 # --- the methods ----------------------------------------------------------------------------------------------------
-def run_method(args, frontier, policy, ref, reward_fn, train_prompts, on_step) -> dict:
-    """Train ``policy`` with ``args.method``; ``on_step(step)`` after each optimisation step. Returns the config used."""
+def run_method(args, frontier, policy, ref, reward_fn, train_prompts, on_step, note) -> None:
+    """Train ``policy`` with ``args.method``; ``on_step(step)`` after each optimisation step; ``note(config)`` with the
+    settings used, before training (a run stopped early keeps them)."""
     from tilt.recipes import bc, dpg, kl_rl, online_dpo
 
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
@@ -152,8 +154,9 @@ def run_method(args, frontier, policy, ref, reward_fn, train_prompts, on_step) -
         names = {f.name for f in dataclasses.fields(getattr(recipe, cls))}
         given = {**common, "samples_per_prompt": args.samples_per_prompt, "n": args.best_of, "beta": beta}
         config = getattr(recipe, cls)(**{k: v for k, v in given.items() if k in names and v is not None})
+        note(dataclasses.asdict(config))
         recipe.train(config, policy, ref, reward_fn, train_prompts, on_step=hook)
-        return dataclasses.asdict(config)
+        return
     if args.method == "vbon":
         from tilt.bon_target import BestOfNReward, SampleCDF
         from tilt.infalign import build_calibration
@@ -161,8 +164,9 @@ def run_method(args, frontier, policy, ref, reward_fn, train_prompts, on_step) -
 
         cal = build_calibration(ref, reward_fn, train_prompts, args.calibration_samples, seed=derive_seed(args.seed, "calibration"))
         config = kl_rl.KLRLConfig(beta=beta, samples_per_prompt=args.samples_per_prompt, **common)
+        note(kl_rl.config_dict(config))
         kl_rl.train(config, policy, ref, BestOfNReward(reward_fn, SampleCDF(cal), args.best_of), train_prompts, on_step=hook)
-        return kl_rl.config_dict(config)
+        return
     if args.method in ("kl-rl", "ppo", "ctrl"):
         reward = reward_fn
         if args.method == "ctrl":
@@ -173,20 +177,23 @@ def run_method(args, frontier, policy, ref, reward_fn, train_prompts, on_step) -
             reward = CalibratedReward(reward_fn, cal)
         config = kl_rl.KLRLConfig(beta=beta, samples_per_prompt=args.samples_per_prompt,
                                   ppo_epochs=4 if args.method == "ppo" else 1, **common)
+        note(kl_rl.config_dict(config))
         kl_rl.train(config, policy, ref, reward, train_prompts, on_step=hook)
-        return kl_rl.config_dict(config)
+        return
     if args.method == "dpg":
         from tilt.target import TiltedTarget
 
         config = dpg.DPGConfig(samples_per_prompt=args.samples_per_prompt, **common)
+        note({**common, "beta": beta, "samples_per_prompt": args.samples_per_prompt})
         dpg.train(config, policy, TiltedTarget(ref, reward_fn, beta), train_prompts, on_step=hook)
-        return {**common, "beta": beta, "samples_per_prompt": args.samples_per_prompt}
+        return
     if args.method == "online-dpo":
         from tilt.preferences import RewardComparison
 
         config = online_dpo.OnlineDPOConfig(scheme="online-dpo", alpha=0.0, beta=beta, **common)
+        note({**common, "beta": beta, "scheme": "online-dpo"})
         online_dpo.train(config, policy, ref, RewardComparison(reward_fn), train_prompts, on_step=hook)
-        return {**common, "beta": beta, "scheme": "online-dpo"}
+        return
     if args.method == "bc-bon":
         from tilt.bon import best_of_n
         from tilt.recipes.common import derive_seed
@@ -196,12 +203,14 @@ def run_method(args, frontier, policy, ref, reward_fn, train_prompts, on_step) -
         flat = torch.arange(len(train_prompts)) * args.best_of + sel.index
         demos = sel.rollout.take(flat)
         config = bc.BCConfig(steps=args.steps, sequences_per_step=args.prompts_per_step * args.samples_per_prompt, lr=lr, seed=args.seed)
+        note({"steps": args.steps, "lr": lr, "best_of": args.best_of, "demos": len(train_prompts),
+              "sequences_per_step": config.sequences_per_step})
         bc.train(config, policy, demos, on_step=hook)
-        return {"steps": args.steps, "lr": lr, "best_of": args.best_of, "demos": len(train_prompts)}
-    return run_trl(args, policy, reward_fn, train_prompts, on_step, lr, beta)
+        return
+    run_trl(args, policy, reward_fn, train_prompts, on_step, lr, beta, note)
 
 
-def run_trl(args, policy, reward_fn, train_prompts, on_step, lr: float, beta: float) -> dict:
+def run_trl(args, policy, reward_fn, train_prompts, on_step, lr: float, beta: float, note) -> None:
     """TRL's RLOOTrainer or GRPOTrainer with its documented defaults except the batch, length and steps, which match
     the tilt runs (prompts_per_step x samples_per_prompt completions per step, sampled at temperature 1 without top-k
     or top-p so that the samples are the policy's own). Evaluated through a callback that points the benchmark's
@@ -237,16 +246,23 @@ def run_trl(args, policy, reward_fn, train_prompts, on_step, lr: float, beta: fl
     def reward(completions, prompts=None, **kwargs):
         return [float(x) for x in reward_fn(prompts, completions)]
 
+    from tilt.runs.setup import pick_dtype
+
+    # TRL's own defaults are bf16 autocast and gradient checkpointing (RLOOConfig/GRPOConfig notes): bf16 ran a step in
+    # 274 s instead of about 25 on a CPU without native bfloat16 (AVX2), so TRL gets the dtype tilt's `auto` picks on
+    # the machine at hand, and no checkpointing (a 135M model needs none; tilt does not checkpoint either).
+    bf16 = pick_dtype("auto", "cpu") == torch.bfloat16
+    batch = args.prompts_per_step * args.samples_per_prompt
+    note({"trl_version": trl.__version__, "lr": lr, "beta": beta, "steps": args.steps, "bf16": bf16, "gradient_checkpointing": False,
+          "per_device_train_batch_size": batch, "num_generations": args.samples_per_prompt})
     with tempfile.TemporaryDirectory() as out:
-        config = Config(output_dir=out, per_device_train_batch_size=args.prompts_per_step * args.samples_per_prompt,
-                        num_generations=args.samples_per_prompt, max_completion_length=policy.sampling.max_new_tokens,
-                        learning_rate=lr, beta=beta, max_steps=args.steps, logging_steps=1, save_strategy="no", report_to=[],
-                        use_cpu=True, seed=args.seed, disable_tqdm=True, dataloader_num_workers=0, temperature=1.0, top_p=1.0, top_k=0)
+        config = Config(output_dir=out, per_device_train_batch_size=batch, num_generations=args.samples_per_prompt,
+                        max_completion_length=policy.sampling.max_new_tokens, learning_rate=lr, beta=beta, max_steps=args.steps,
+                        bf16=bf16, gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                        seed=args.seed, disable_tqdm=True, dataloader_num_workers=0, temperature=1.0, top_p=1.0, top_k=0)
         trainer = Trainer(model=model_path, reward_funcs=reward, args=config, train_dataset=Dataset.from_dict({"prompt": list(train_prompts)}),
                           callbacks=[Evaluate()])
         trainer.train()
-    return {"trl_version": trl.__version__, "lr": lr, "beta": beta, "steps": args.steps,
-            "per_device_train_batch_size": args.prompts_per_step * args.samples_per_prompt, "num_generations": args.samples_per_prompt}
 
 
 def run(args) -> int:
@@ -303,7 +319,7 @@ def run(args) -> int:
     evaluate_now(0)
     last[0] = time.perf_counter()
     try:
-        record["config"] = run_method(args, frontier, policy, ref, reward_fn, train_prompts, on_step)
+        run_method(args, frontier, policy, ref, reward_fn, train_prompts, on_step, lambda config: record.update(config=config))
     except Stop:
         pass
     record["read_off"] = {str(kl): read_off(record["evals"], kl, frontier) for kl in TARGET_KLS}
@@ -318,27 +334,34 @@ def table(args) -> int:
     from tilt.frontier import Frontier, plot_frontier
 
     out = Path(args.out)
-    frontier, rows, runs = None, [], {}
+    frontier, rows, runs, records = None, [], {}, {}
     for method in METHODS:
         path = out / f"{method}.json"
         if not path.exists():
             continue
         rec = json.loads(path.read_text())
-        runs[method] = rec["evals"]
+        method = method if rec.get("done") else f"{method} (unfinished)"
+        runs[method], records[method] = rec["evals"], rec
         if frontier is None:
             frontier = Frontier.load(args.frontier)
             frontier = frontier.head(rec["args"].get("eval_prompts") or frontier.data["meta"]["prompts"])
         for kl in TARGET_KLS:
             r = (rec.get("read_off") or {}).get(str(kl))
             if r is None:
-                rows.append([method, kl, "not reached", "", "", "", ""])
+                rows.append([method, f"{kl:g}", "not reached", "", "", "", ""])
                 continue
-            rows.append([method, kl, f"{r['efficiency']:.2f} [{r['efficiency_ci'][0]:.2f}, {r['efficiency_ci'][1]:.2f}]",
+            rows.append([method, f"{kl:g}", f"{r['efficiency']:.2f} [{r['efficiency_ci'][0]:.2f}, {r['efficiency_ci'][1]:.2f}]",
                          f"{r['win_rate']:.3f} [{r['win_rate_ci'][0]:.3f}, {r['win_rate_ci'][1]:.3f}]", f"{r['frontier_win_rate']:.3f}",
                          f"{r['reward_mean']:+.3f} [{r['reward_mean_ci'][0]:+.3f}, {r['reward_mean_ci'][1]:+.3f}]", f"{r['seconds']:.0f}"])
     if frontier is None:
         raise SystemExit(f"no finished method in {out}")
     print(fmt_table(["method", "KL", "efficiency", "win rate", "WR*(KL)", "mean reward", "train s"], rows))
+    print()
+    print(fmt_table(["method", "steps", "last held-out KL", "last win rate", "last efficiency", "train s", "s/step", "wall s", "load"],
+                    [[m, r["evals"][-1]["step"], f"{r['evals'][-1]['kl_ref']:.3f} [{r['evals'][-1]['kl_ref_ci'][0]:.3f}, {r['evals'][-1]['kl_ref_ci'][1]:.3f}]",
+                      f"{r['evals'][-1]['win_rate']:.3f}", f"{r['evals'][-1]['efficiency']:.2f}", f"{r.get('train_seconds', math.nan):.0f}",
+                      f"{r.get('train_seconds', math.nan) / max(r['evals'][-1]['step'], 1):.1f}", f"{r.get('wall_seconds', math.nan):.0f}",
+                      " ".join(r.get("load", []))] for m, r in records.items()]))
     plot = plot_frontier(frontier, out / "frontier.png", runs=runs)
     print(f"plot: {plot}")
     return 0

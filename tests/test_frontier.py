@@ -225,6 +225,10 @@ def test_benchmark_runs_a_method_resumably_and_reads_off_kl(tmp_path, capsys):
     assert rec["evals"][0]["kl_ref"] == 0.0 and rec["evals"][-1]["kl_ref"] > 0
     capsys.readouterr()
     assert bench.main(argv) == 0 and "already done" in capsys.readouterr().out
+    assert bench.main(["--table", "--frontier", str(tmp_path / "f.json"), "--out", str(tmp_path / "runs")]) == 0
+    table = capsys.readouterr().out
+    assert table.count("kl-rl ") == 4 and "unfinished" not in table and (tmp_path / "runs" / "frontier.png").is_file()
+    assert f"{rec['train_seconds']:.0f}" in table and rec["config"]["lr"] == 1e-2  # the settings are kept
     # read-off: linear between the two evaluations that bracket the KL
     f = Frontier.load(tmp_path / "f.json")
     evals = [{"step": 0, "seconds": 0.0, "kl_ref": 0.0, "win_rate": 0.5, "win_rate_ci": [0.4, 0.6], "reward_mean": 0.0, "reward_mean_ci": [0, 0]},
