@@ -313,6 +313,8 @@ def run(args) -> int:
             if record["evals"][-1]["kl_ref"] > args.stop_kl:
                 raise Stop
         if train_seconds[0] > 60 * args.max_minutes:
+            if record["evals"][-1]["step"] != step:  # the policy the run ends with is evaluated too
+                evaluate_now(step)
             raise Stop
         last[0] = time.perf_counter()
 
