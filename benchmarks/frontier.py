@@ -6,10 +6,12 @@ One method per invocation; each run is evaluated on the held-out prompts of the 
 mean reward, each with a bootstrap interval) and read off at KL 0.5, 1 and 2 nats by linear interpolation between
 the two evaluations that bracket each KL. Efficiency there is (WR - 1/2)/(WR*(KL) - 1/2).
 
-    tilt frontier --limit 100 --samples 32 --max-new-tokens 24 --out bench/frontier.json      # once
-    python benchmarks/frontier.py --method kl-rl --frontier bench/frontier.json --out bench/runs
-    python benchmarks/frontier.py --method ctrl  --frontier bench/frontier.json --out bench/runs
-    python benchmarks/frontier.py --table --frontier bench/frontier.json --out bench/runs   # table + plot
+    F=tilt/assets/frontier_openings_m32.json     # shipped (or: tilt frontier --limit 100 --samples 32 --max-new-tokens 24)
+    python benchmarks/frontier.py --method kl-rl --frontier $F --out bench/runs --eval-prompts 24 --threads 2
+    python benchmarks/frontier.py --method ctrl  --frontier $F --out bench/runs --eval-prompts 24 --threads 2 --train-prompts 64
+    python benchmarks/frontier.py --table --frontier $F --out bench/runs   # tables + plot
+
+docs/frontier.md gives the runs measured (benchmarks/results/frontier_runs/).
 
 Resumable by method: OUT/METHOD.json holds every evaluation so far and is rewritten after each; a method whose file
 says ``done`` is skipped (``--force`` reruns it); an interrupted one starts again from the initial model.
