@@ -196,6 +196,13 @@ def test_compared_runs_with_different_rewards_are_flagged_and_drawn_apart(tmp_pa
     section = text.split("Reward: length:chars", 1)[1].split("<h3>", 1)[0]
     assert "reward-2.png" in section and "reward.png" not in section
     assert reward_of(load_run(a)) == reward_of(load_run(c)) == "sentiment"
+    # the shape runs write now: the reward and the preferences sit in the run: section
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "config.yaml").write_text(yaml.safe_dump({"recipe": "kl-rl", "run": {"reward": ["sentiment", "length:chars"]}}))
+    (tmp_path / "d" / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward": 0.1}) + "\n")
+    assert reward_of(load_run(tmp_path / "d")) == "sentiment + length:chars"
+    (tmp_path / "d" / "config.yaml").write_text(yaml.safe_dump({"recipe": "dpo", "run": {"reward": [], "preferences": "p.jsonl"}}))
+    assert reward_of(load_run(tmp_path / "d")) == "preferences p.jsonl"
     same, _ = build_report(a, [c], out_dir=tmp_path / "same")
     assert "different rewards" not in same.read_text()
 

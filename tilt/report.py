@@ -251,6 +251,8 @@ def reward_of(run: Run) -> str:
     """The reward a run optimises, as text, from its config.yaml: the ``reward`` spec(s), or the preferences file of
     an offline preference recipe; "unknown" when the config does not say."""
     config = run.config or {}
+    if isinstance(config.get("run"), dict):  # the config shape of every command since the run layer: run: holds the data
+        config = {**config, **config["run"]}
     reward = config.get("reward")
     if isinstance(reward, (list, tuple)) and reward:
         text = " + ".join(map(str, reward))
