@@ -3,6 +3,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from tilt.cli import main
 from tilt.engine.tiny import char_tokenizer, tiny_gpt2
@@ -60,3 +61,22 @@ def test_the_shipped_frontier_is_the_held_out_openings_and_used_only_where_it_ap
     assert not uses_shipped_frontier(d, "embedded", "", ("sentiment", "length"))
     assert not uses_shipped_frontier(DemoConfig(max_new_tokens=16), "embedded", "", ("sentiment",))
     assert not uses_shipped_frontier(DemoConfig(eval_prompts=meta["prompts"] + 1), "embedded", "", ("sentiment",))
+
+
+def test_a_frontier_of_other_openings_is_refused_before_anything_is_written(tmp_path, capsys):
+    from tilt.frontier import FrontierConfig, frontier_from_rewards
+
+    folder = tmp_path / "tiny"
+    tok = char_tokenizer()
+    tiny_gpt2(len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    held_out = task_prompts("heldout")[:4]
+    rewards = torch.arange(32.0).reshape(4, 8)
+    other = [held_out[0], "a different opening", *held_out[2:]]
+    frontier_from_rewards(rewards, FrontierConfig(num_resamples=10), prompts=other,
+                          meta={"max_new_tokens": 24}).save(tmp_path / "f.json")
+    run = tmp_path / "run"
+    code = main(["demo", "--model", str(folder), "--steps", "1", "--eval_prompts", "4", "--frontier", str(tmp_path / "f.json"),
+                 "--run-dir", str(run)])
+    assert code != 0 and not run.exists()
+    assert "prompt 1 differs" in capsys.readouterr().err

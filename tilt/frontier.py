@@ -189,7 +189,7 @@ class Frontier:
             return self
         if len(prompts) > len(own):
             raise ValueError(f"{where} has {len(own)} prompts; {len(prompts)} are evaluated: evaluate at most {len(own)} "
-                             "(--limit) or rebuild the frontier on these prompts")
+                             "or rebuild the frontier on these prompts")
         for i, (mine, theirs) in enumerate(zip(own, prompts)):
             if mine != theirs:
                 raise ValueError(f"prompt {i} differs from {where}'s ({str(theirs)[:60]!r} against {str(mine)[:60]!r}): the "

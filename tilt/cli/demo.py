@@ -77,15 +77,15 @@ def demo_frontier(d, run, ref, reward, held_out: list[str], log):
     if d.frontier or uses_shipped_frontier(d, run.model, run.ref, tuple(run.reward)):
         path = d.frontier or SHIPPED_FRONTIER
         frontier = Frontier.load(path)
-        if frontier.data.get("prompts") is None or len(frontier.data["prompts"]) < d.eval_prompts:
-            raise ValueError(f"{path} holds fewer than eval_prompts = {d.eval_prompts} prompts; lower --eval_prompts")
+        if frontier.data.get("prompts") is None:
+            raise ValueError(f"{path} does not list its prompts; rebuild it with `tilt frontier`")
         length = frontier.data["meta"].get("max_new_tokens")
         if length is not None and length != d.max_new_tokens:
             raise ValueError(f"{path} was drawn with max_new_tokens {length}, the demo samples {d.max_new_tokens}: "
                              "set --max_new_tokens to match or leave --frontier empty to draw one here")
         print(f"      frontier: {path} (first {d.eval_prompts} openings, m = {frontier.data['meta']['samples_per_prompt']} "
               "reference samples each)", file=log, flush=True)
-        return frontier.head(d.eval_prompts)
+        return frontier.for_prompts(held_out, where=str(path))  # the demo's held-out openings, first and in order
     print(f"      drawing the frontier here: {d.frontier_samples} reference samples of each of {len(held_out)} held-out "
           "openings (the shipped one is for model embedded, reward sentiment, 24 tokens)", file=log, flush=True)
     rewards = draw_reference_rewards(ref, held_out, d.frontier_samples, reward, seed=d.seed)
@@ -118,7 +118,6 @@ def demo(config: dict, sections: dict, run_dir: Path, signals, log) -> dict | in
                       path="the demo's openings")
     reward = build_reward(run)
     frontier = demo_frontier(d, run, ref, reward, held_out, log)
-    held_out = list(frontier.data["prompts"])
     recipe = kl_rl.KLRLConfig(beta=d.beta, steps=d.steps, prompts_per_step=d.prompts_per_step, warmup_steps=d.warmup_steps,
                               samples_per_prompt=d.samples_per_prompt, lr=d.lr, seed=d.seed)
     out = runs.create_run(run_dir, config)
