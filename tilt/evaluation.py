@@ -39,7 +39,7 @@ from torch import Tensor
 from tilt.math import importance
 from tilt.math.bootstrap import bootstrap_mean  # the one two-level bootstrap (also imported from here by callers)
 from tilt.math.infalign import best_of_n_values, bootstrap_win_rate, worst_of_n_values
-from tilt.math.kl import k1, k3
+from tilt.math.kl import full_token_kl, k1, k3
 from tilt.math.masking import masked_sum
 from tilt.recipes.common import derive_seed
 from tilt.rewards import RewardFn, score_rewards
@@ -119,6 +119,7 @@ class Draws:
     seq_log_ratio: Tensor | None  # (P, K) float64 log pi(y) - log pi_ref(y), for samples of pi; None for pi_ref's
     lengths: Tensor  # (P, K) counted completion tokens
     truncated: Tensor  # (P, K) bool, no EOS before the length limit
+    seq_kl_full: Tensor | None = None  # (P, K) float64 sum_t KL(pi(.|y_<t) || pi_ref(.|y_<t)) over the vocabulary (full_kl)
 
 
 @dataclass(frozen=True)
@@ -132,17 +133,21 @@ class Evaluation:
 @torch.no_grad()
 def draw_scored(policy: Policy, prompts: Sequence[Any], k: int, reward_fn: RewardFn, *, generator: torch.Generator,
                 batch_size: int = 64, ref: Policy | None = None, columns: Mapping[str, Sequence] | None = None,
-                progress: Callable[[int], None] | None = None) -> Draws:
+                progress: Callable[[int], None] | None = None, full_kl: bool = False) -> Draws:
     """k samples of each prompt from ``policy``, scored with ``reward_fn`` (``columns``: the data's other columns,
     one value per prompt, passed to the reward once per sample). With ``ref``, also the sequence log-ratio
     log policy(y) - log ref(y) of each sample (both scored by a forward pass, so that a model against itself gives 0
-    exactly). At most ``batch_size`` sequences per sampling call; ``progress(n)`` is called with each batch's size."""
+    exactly). At most ``batch_size`` sequences per sampling call; ``progress(n)`` is called with each batch's size.
+    With ``full_kl`` (and ``ref``), also each sample's sum over positions of the next-token KL over the whole
+    vocabulary (``tilt.math.kl.full_token_kl``): the same expectation as the log-ratio, with far less spread; the
+    same two forward passes, each keeping a (B, T, V) log-softmax."""
     p = len(prompts)
     per_call = min(k, batch_size)  # samples of one prompt per call
     prompts_per_call = max(1, batch_size // per_call)
     completions: list[list] = [[] for _ in range(p)]
     rewards = torch.empty(p, k, dtype=torch.float64)
     log_ratio = torch.zeros(p, k, dtype=torch.float64) if ref is not None else None
+    kl_full = torch.zeros(p, k, dtype=torch.float64) if ref is not None and full_kl else None
     lengths = torch.empty(p, k, dtype=torch.long)
     truncated = torch.empty(p, k, dtype=torch.bool)
     for start in range(0, p, prompts_per_call):
@@ -151,7 +156,7 @@ def draw_scored(policy: Policy, prompts: Sequence[Any], k: int, reward_fn: Rewar
         for s0 in range(0, k, per_call):
             m = min(per_call, k - s0)
             rollout = policy.sample(chunk, m, generator=generator)
-            if not rollout.sampled_from_policy:
+            if not (rollout.sampled_from_policy or rollout.sampler == "autocast"):  # autocast: the model's own law, rounded otherwise
                 raise ValueError("evaluation needs samples of the policy itself: sample at temperature 1 without top-k/top-p "
                                  "(a tempered or truncated sampler is another distribution, and the KL would not be the policy's)")
             cols = {name: [values[i] for i in rows for _ in range(m)] for name, values in (columns or {}).items()}
@@ -160,14 +165,21 @@ def draw_scored(policy: Policy, prompts: Sequence[Any], k: int, reward_fn: Rewar
             mask = rollout.completion_mask
             lengths[start:start + len(chunk), s0:s0 + m] = mask.sum(-1).view(len(chunk), m).cpu()
             truncated[start:start + len(chunk), s0:s0 + m] = rollout.truncated.view(len(chunk), m).cpu()
-            if ref is not None and ref is not policy:
+            if ref is not None and ref is not policy and full_kl:
+                pi_full, ref_full = policy.token_log_softmax(rollout), ref.token_log_softmax(rollout)  # (B, T, V)
+                ids = rollout.completion_ids.unsqueeze(-1)
+                lr = masked_sum(pi_full.gather(-1, ids).squeeze(-1) - ref_full.gather(-1, ids).squeeze(-1), mask)  # (B,)
+                log_ratio[start:start + len(chunk), s0:s0 + m] = lr.double().view(len(chunk), m).cpu()
+                kl_full[start:start + len(chunk), s0:s0 + m] = full_token_kl(pi_full, ref_full, mask).double().view(len(chunk), m).cpu()
+                del pi_full, ref_full
+            elif ref is not None and ref is not policy:
                 lr = masked_sum(policy.token_logprobs(rollout) - ref.token_logprobs(rollout), mask)  # (B,)
                 log_ratio[start:start + len(chunk), s0:s0 + m] = lr.double().view(len(chunk), m).cpu()
             for j, i in enumerate(rows):
                 completions[i].extend(rollout.completions[j * m:(j + 1) * m])
             if progress is not None:
                 progress(len(rollout))
-    return Draws(completions, rewards, log_ratio, lengths, truncated)
+    return Draws(completions, rewards, log_ratio, lengths, truncated, kl_full)
 
 
 def evaluate(config: EvalConfig, policy: Policy, ref: Policy, reward_fn: RewardFn, prompts: Sequence[Any], *,

@@ -88,8 +88,10 @@ class SequenceClassifierReward:
     (GPT-2) would otherwise score a left-padded text differently from the same text alone.
     """
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 16, max_length: int | None = None, label_index: int = 0):
+    def __init__(self, model, tokenizer, *, batch_size: int = 16, max_length: int | None = None, label_index: int = 0,
+                 compute_dtype: torch.dtype | None = None):
         self.model = model.eval()
+        self.compute_dtype = compute_dtype  # None, or autocast's dtype over float32 weights (as HFPolicy's)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_length = max_length
@@ -119,7 +121,9 @@ class SequenceClassifierReward:
                                    truncation=self.max_length is not None, max_length=self.max_length)
         finally:
             self.tokenizer.truncation_side, self.tokenizer.padding_side = sides
-        return self.model(**{k: v.to(device) for k, v in batch.items()}).logits[:, self.label_index]  # (B,)
+        autocast = torch.autocast(device.type, dtype=self.compute_dtype, enabled=self.compute_dtype not in (None, torch.float32))
+        with autocast:
+            return self.model(**{k: v.to(device) for k, v in batch.items()}).logits[:, self.label_index].float()  # (B,)
 
 
 def load_reward_model(path: str | Path, *, trust_remote_code: bool = False, device: str = "cpu", batch_size: int = 16,

@@ -15,6 +15,7 @@ recipes weight each sequence by pi/q (``tilt.math.mismatch``), which keeps their
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -95,10 +96,20 @@ class HFPolicy:
 
     The model is put in eval mode (no dropout), so that the log-prob of a sample at sampling time and when
     scored later agree; gradients still flow through ``token_logprobs``.
+
+    ``compute_dtype`` (bfloat16 or float16, or None): the model's forward passes run under ``torch.autocast`` in that
+    dtype while its weights stay in theirs (float32 master weights, as mixed-precision training keeps them: an AdamW
+    update of 1e-5 is below bfloat16's resolution for most weights, so bfloat16 weights barely train). The incremental
+    decode and the full scoring pass then round differently, so a rollout is a proposal's (``sampler='autocast'``,
+    ``sampled_from_policy=False``): its log-probs are log q of the decode, and recipes weight by pi/q as for a fast
+    sampler (docs/runs.md, "Precision").
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sampling: SamplingConfig = SamplingConfig()):
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sampling: SamplingConfig = SamplingConfig(),
+                 compute_dtype: torch.dtype | None = None):
         self.model = model.eval()
+        weights = next(model.parameters()).dtype
+        self.compute_dtype = compute_dtype if compute_dtype not in (None, weights) else None
         self.tokenizer = tokenizer
         self.sampling = sampling
         self.eos_ids = eos_token_ids(model, tokenizer)
@@ -160,7 +171,9 @@ class HFPolicy:
         prompt_ids = distinct_ids.repeat_interleave(k, 0)  # (B, Tp)
         prompt_mask = distinct_mask.repeat_interleave(k, 0)
         uniforms = sampling_uniforms(len(prompts), k, self.sampling.max_new_tokens, generator=generator, prompt_seeds=prompt_seeds).to(self.device)  # (B, T)
-        raw_ids, raw_logps = self._generate(distinct_ids, distinct_mask, k, uniforms, decoder=decoder)
+        autocast_decode = decoder is self.model and self.compute_dtype is not None  # the same weights, decoded in compute_dtype
+        with self.autocast() if autocast_decode else contextlib.nullcontext():
+            raw_ids, raw_logps = self._generate(distinct_ids, distinct_mask, k, uniforms, decoder=decoder)
         eos = torch.tensor(self.eos_ids, device=self.device)
         completion_mask, truncated = completion_mask_from_eos(raw_ids, eos)  # (B, T)
         completion_ids = raw_ids.masked_fill(~completion_mask, self.pad_id)
@@ -177,8 +190,8 @@ class HFPolicy:
             truncated=truncated,
             sample_token_logprobs=sample_token_logprobs,
             samples_per_prompt=samples_per_prompt,
-            sampled_from_policy=self.sampling.exact and self.fast_sampler is None,
-            sampler=self.sampler_kind,
+            sampled_from_policy=self.sampling.exact and self.fast_sampler is None and not autocast_decode,
+            sampler="autocast" if autocast_decode and self.sampling.exact else self.sampler_kind,
             sampler_refresh_seconds=self.fast_sampler.last_refresh_seconds if refreshed else 0.0,
         )
 
@@ -253,7 +266,8 @@ class HFPolicy:
         rows = [ids[m].tolist() + list(prefix) for ids, m, prefix in zip(prompt_ids.cpu(), prompt_mask.cpu(), prefixes)]
         ids, mask = self._left_pad(rows)  # (B, W) prompt and prefix, left-padded
         uniforms = torch.rand(len(rows), max(limits), generator=generator, dtype=torch.float64).to(self.device)  # (B, T)
-        raw_ids, _ = self._generate(ids, mask, 1, uniforms)  # (B, steps)
+        with self.autocast():
+            raw_ids, _ = self._generate(ids, mask, 1, uniforms)  # (B, steps)
         out = []
         for prefix, new, limit in zip(prefixes, raw_ids.cpu().tolist(), limits):
             new = new[:limit]
@@ -279,13 +293,32 @@ class HFPolicy:
         the (B, T, V) logits come out contiguous and are never copied; the log-softmax is fused into the
         gather (cross-entropy), so a (B, T, V) log-softmax is built once.
         """
+        logits = self._completion_logits(rollout)  # (B, T, V)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), rollout.completion_ids.flatten(), reduction="none")  # (B * T,)
+        return (-nll).view(rollout.completion_ids.shape).masked_fill(~rollout.completion_mask, 0.0)
+
+    def token_log_softmax(self, rollout: Rollout) -> Tensor:
+        """(B, T, V) float32 log pi(. | x, y_<t): the whole next-token distribution at every completion position
+        (rows off the completion mask are computed but mean nothing). The same single forward pass as
+        ``token_logprobs``; it costs B * T * V floats (151 MB for 32 x 24 tokens of a 49k vocabulary), twice with
+        the gradient. Used by the full-vocabulary KL penalty (KL-RL ``kl_penalty=full``)."""
+        return torch.log_softmax(self._completion_logits(rollout).float(), dim=-1)
+
+    def _completion_logits(self, rollout: Rollout) -> Tensor:
+        """(B, T, V) logits predicting each completion token: one forward pass over the prompt and all completion
+        tokens but the last, of which only the T last positions go through the LM head."""
         t = rollout.completion_ids.shape[1]
         ids = torch.cat([rollout.prompt_ids, rollout.completion_ids[:, :-1]], dim=-1)  # (B, Tp + T - 1)
         attention = torch.cat([rollout.prompt_mask, torch.ones_like(rollout.completion_mask[:, :-1])], dim=-1).long()
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        logits = self.model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=t).logits  # (B, T, V)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), rollout.completion_ids.flatten(), reduction="none")  # (B * T,)
-        return (-nll).view(rollout.completion_ids.shape).masked_fill(~rollout.completion_mask, 0.0)
+        with self.autocast():
+            return self.model(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=t).logits
+
+    def autocast(self):
+        """The context the model's forward passes run in: autocast to ``compute_dtype``, or nothing."""
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.compute_dtype)
 
     def rollout_from_ids(self, prompts: Sequence[str], completion_ids: Sequence[Sequence[int]], samples_per_prompt: int = 1) -> Rollout:
         """A rollout of given completions (token ids) of given prompts, for scoring: demonstrations, preference

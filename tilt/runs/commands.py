@@ -452,10 +452,10 @@ def train_reward_model(config: dict, secs: dict, run_dir: Path, *, resume: bool,
     device = pick_device(run.device)
     model = AutoModelForSequenceClassification.from_pretrained(
         str(checkpoint) if checkpoint is not None else path, num_labels=1, use_safetensors=True,
-        dtype=pick_dtype(run.dtype, device), trust_remote_code=run.trust_remote_code).to(device)
+        dtype=torch.float32, trust_remote_code=run.trust_remote_code).to(device)  # float32 weights; run.dtype is the compute dtype
     if held.max_length is None:  # longer texts are cut from the left to max_length, which then must fit
         check_run_context(data, model.config, tokenizer, max_new_tokens=None, path=run.preferences)
-    reward = SequenceClassifierReward(model, tokenizer, max_length=held.max_length)
+    reward = SequenceClassifierReward(model, tokenizer, max_length=held.max_length, compute_dtype=pick_dtype(run.dtype, device))
     before = {"accuracy_held_out_before": reward_model.accuracy(reward, held_out)} if held_out and not resume else None
     out = _open(run_dir, config, resume, before=before, stack=stack) if main_rank else run_dir
     distributed.barrier()

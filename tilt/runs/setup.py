@@ -57,9 +57,13 @@ def check_models(run, *, ref: bool = True) -> None:
 
 
 def load_policy_and_ref(run, lora, sampling, checkpoint: Path | None, *, need_ref: bool = True):
-    """(policy, reference, tokenizer) on the run's device and dtype. Without LoRA the policy starts from
+    """(policy, reference, tokenizer) on the run's device, computing in the run's dtype. Without LoRA the policy starts from
     ``checkpoint`` (or run.model) and the reference is run.ref, frozen. With LoRA (lora.r > 0) the policy is run.model
-    with an adapter (the checkpoint's, when resuming) and the reference is the same model with the adapter disabled."""
+    with an adapter (the checkpoint's, when resuming) and the reference is the same model with the adapter disabled.
+    Full fine-tuning keeps float32 weights and runs the forward passes under autocast to the dtype (HFPolicy's
+    compute_dtype); with LoRA the frozen base is loaded in the dtype and the adapter is float32 (peft's default)."""
+    import torch
+
     from tilt.engine.hf import HFPolicy, SamplingConfig
     from tilt.engine.loading import load_model, load_tokenizer
 
@@ -81,16 +85,19 @@ def load_policy_and_ref(run, lora, sampling, checkpoint: Path | None, *, need_re
             model = add_lora(base, settings)
         policy = HFPolicy(model, tokenizer, sampling)
         return policy, AdapterDisabledReference(policy), tokenizer
+    # The trained weights stay float32 whatever the dtype: it is the dtype of the forward passes (autocast), as in
+    # mixed-precision training. bfloat16 weights would lose most AdamW updates at fine-tuning learning rates.
     source = str(checkpoint) if checkpoint is not None else run.model
-    policy = HFPolicy(load_model(source, trust_remote_code=trust, dtype=dtype).to(device), tokenizer, sampling)
+    policy = HFPolicy(load_model(source, trust_remote_code=trust, dtype=torch.float32).to(device), tokenizer, sampling, compute_dtype=dtype)
     if not need_ref:
         return policy, None, tokenizer
     ref_tokenizer = load_tokenizer(run.ref, trust_remote_code=trust)
     if len(ref_tokenizer) != len(tokenizer):
         raise ValueError(f"the reference {run.ref!r} has a vocabulary of {len(ref_tokenizer)} tokens and the model "
                          f"{len(tokenizer)}: the reference needs the model's tokenizer")
-    ref_model = load_model(run.ref, trust_remote_code=trust, dtype=dtype).requires_grad_(False).to(device)
-    return policy, HFPolicy(ref_model, ref_tokenizer, sampling), tokenizer
+    # the reference computes exactly as the policy does (same weights' dtype, same autocast): KL 0 at the start
+    ref_model = load_model(run.ref, trust_remote_code=trust, dtype=torch.float32).requires_grad_(False).to(device)
+    return policy, HFPolicy(ref_model, ref_tokenizer, sampling, compute_dtype=dtype), tokenizer
 
 
 def final_model(model):
