@@ -240,6 +240,24 @@ def test_benchmark_runs_a_method_resumably_and_reads_off_kl(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_benchmark_variants_sit_side_by_side(tmp_path, capsys):
+    """--tag saves a variant next to the method's own run; --kl-penalty full and --lora reach the recipe and the model."""
+    bench, argv = tiny_benchmark(tmp_path, "kl-rl")
+    assert bench.main(argv + ["--tag", "full", "--kl-penalty", "full"]) == 0
+    assert bench.main(argv + ["--tag", "lora", "--lora", "2"]) == 0
+    runs = tmp_path / "runs"
+    full, lora = (json.loads((runs / f"kl-rl.{t}.json").read_text()) for t in ("full", "lora"))
+    assert not (runs / "kl-rl.json").exists()
+    assert full["config"]["kl_penalty"] == "full" and lora["config"]["kl_penalty"] == "reward"
+    assert full["name"] == "kl-rl.full" and lora["args"]["lora"] == 2
+    assert full["evals"][-1]["kl_ref"] > 0 and lora["evals"][-1]["kl_ref"] != 0
+    capsys.readouterr()
+    assert bench.main(["--table", "--frontier", str(tmp_path / "f.json"), "--out", str(runs)]) == 0
+    table = capsys.readouterr().out
+    assert table.count("kl-rl.full ") == 4 and table.count("kl-rl.lora ") == 4
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["vbon", "bond", "bonbon", "apo", "qrpo"])
 def test_benchmark_runs_the_best_of_n_and_regression_methods(tmp_path, method):
     """Each method of docs/bon_distillation.md and docs/apo.md trains through the benchmark and moves off pi_ref."""
@@ -300,3 +318,29 @@ def test_head_and_for_prompts_recompute_the_frontier_of_the_first_prompts():
         full.for_prompts(prompts + ["p6"])
     with pytest.raises(ValueError, match="asked for the first 9"):
         full.head(9)
+
+
+def test_frontier_evaluation_reads_the_kl_over_the_whole_vocabulary():
+    """evaluate_on_frontier's kl_ref is sum_t KL_t over the vocabulary: on unigram models, where the exact KL is known
+    by enumeration, it and the k1 log-ratio (kl_ref_k1) both cover it, and its interval is several times narrower."""
+    from test_evaluate import PROMPTS, T, count_a, exact_quantities, unigram_gpt2
+
+    from tilt.engine.hf import HFPolicy, SamplingConfig
+    from tilt.frontier import draw_reference_rewards, evaluate_on_frontier
+
+    flat, tok = unigram_gpt2([-3.0, 0.0, -3.0, 0.0, 0.0])
+    likes_a, _ = unigram_gpt2([-3.0, 0.0, -3.0, 1.5, 0.0])
+    sampling = SamplingConfig(max_new_tokens=T)
+    ref, policy = HFPolicy(flat, tok, sampling), HFPolicy(likes_a, tok, sampling)
+    rewards = draw_reference_rewards(ref, PROMPTS, 16, count_a, seed=0)
+    frontier = frontier_from_rewards(rewards, FrontierConfig(num_resamples=50), prompts=PROMPTS)
+    m, draws = evaluate_on_frontier(frontier, policy, ref, count_a, samples_per_prompt=32, seed=1, num_resamples=400)
+    exact_kl = exact_quantities(likes_a, flat)["kl"]
+    assert exact_kl > 0.1
+    assert m["kl_ref_ci"][0] <= exact_kl <= m["kl_ref_ci"][1], (m["kl_ref_ci"], exact_kl)
+    assert m["kl_ref_k1_ci"][0] <= exact_kl <= m["kl_ref_k1_ci"][1], (m["kl_ref_k1_ci"], exact_kl)
+    width = lambda key: m[f"{key}_ci"][1] - m[f"{key}_ci"][0]  # noqa: E731
+    assert width("kl_ref") < 0.5 * width("kl_ref_k1"), (width("kl_ref"), width("kl_ref_k1"))
+    assert m["frontier_win_rate"] == pytest.approx(frontier.wr_star(m["kl_ref"]))
+    # per sample, the full KL is the conditional expectation of the log-ratio given the prefixes: same mean, less spread
+    assert draws.seq_kl_full.var() < draws.seq_log_ratio.var()

@@ -343,6 +343,9 @@ class ShardedPolicy:
     def token_logprobs(self, rollout):
         return self.policy.token_logprobs(rollout)
 
+    def token_log_softmax(self, rollout):
+        return self.policy.token_log_softmax(rollout)
+
     def parameters(self):
         return self.policy.parameters()
 

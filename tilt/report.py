@@ -631,9 +631,10 @@ def _num(x, reason: str = "not logged") -> str:
     return _na(reason) if v is None else _e(f"{v:.4g}")
 
 
-def _value_html(key: str, value, interval=None, reason: str = "not logged") -> str:
-    """A metric's value for a table: divergences through :func:`show_divergence`, numbers with their interval."""
-    estimator = divergence_estimator(key)
+def _value_html(key: str, value, interval=None, reason: str = "not logged", estimator: str | None = None) -> str:
+    """A metric's value for a table: divergences through :func:`show_divergence` (``estimator`` names it when the row
+    says, else :func:`divergence_estimator`), numbers with their interval."""
+    estimator = estimator or divergence_estimator(key)
     if _number(value) is None:
         return _na(reason) if not isinstance(value, (str, bool)) else _e(value)
     if estimator is not None:
@@ -762,7 +763,7 @@ def last_evaluation_text(run: Run) -> str | None:
     if _number(row.get("win_rate")) is not None:
         text += f" win rate {_number(row['win_rate']):.3g}{_ci_text(row, 'win_rate')} against the reference"
     if _number(row.get("kl_ref")) is not None:
-        text += f" at KL {show_divergence(row['kl_ref'], _interval(row, 'kl_ref'), estimator='k1', digits=3)}"
+        text += f" at KL {show_divergence(row['kl_ref'], _interval(row, 'kl_ref'), estimator=row.get('kl_estimator', 'k1'), digits=3)}"
     if "efficiency" not in row:
         return text + "; no efficiency (evaluated without a frontier: tilt eval --frontier FILE --record RUN adds it)."
     eff, star = _number(row.get("efficiency")), _number(row.get("frontier_win_rate"))
@@ -796,7 +797,8 @@ def _evals_html(run: Run) -> str:
                  _e(row["best_of"]) if row.get("best_of") else _na("no best-of-N")]
         for _, key in cols:
             reason = "no --best-of" if key in ("win_rate_bon", "win_rate_won") else "not measured"
-            cells.append(_value_html(key, row.get(key), _interval(row, key), reason=reason))
+            cells.append(_value_html(key, row.get(key), _interval(row, key), reason=reason,
+                                     estimator=row.get("kl_estimator") if key == "kl_ref" else None))
         cells += [_frontier_cell(row, key) for _, key in frontier_cols]
         rows.append(cells)
     note = ("Each on held-out prompts against the reference; intervals are bootstrap intervals (KL's clipped at 0: the truth "

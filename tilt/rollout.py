@@ -93,4 +93,9 @@ class Policy(Protocol):
         Differentiable with respect to the policy's parameters unless called under ``torch.no_grad``."""
         ...
 
+    def token_log_softmax(self, rollout: Rollout) -> Tensor:
+        """(B, T, V) log pi(. | x, y_<t), the whole next-token distribution at each completion position. Needed
+        only by the full-vocabulary KL penalty (KL-RL ``kl_penalty=full``); differentiable like ``token_logprobs``."""
+        ...
+
     def parameters(self): ...

@@ -178,7 +178,8 @@ def demo(config: dict, sections: dict, run_dir: Path, signals, log) -> dict | in
     page, _ = build_report(out)
     summary = {"run_dir": str(out), "final": str(final), "report": str(page), "frontier_plot": str(plot), "step": last_step,
                "stopped_early": bool(stopped), "ref_reward_mean": ref_mean[0], "ref_reward_mean_ci": [ref_mean[1], ref_mean[2]],
-               **{k: m[k] for k in ("reward_mean", "reward_mean_ci", "kl_ref", "kl_ref_ci", "win_rate", "win_rate_ci", "efficiency",
+               **{k: m[k] for k in ("reward_mean", "reward_mean_ci", "kl_ref", "kl_ref_ci", "kl_estimator", "kl_ref_k1", "kl_ref_k1_ci",
+                                     "win_rate", "win_rate_ci", "efficiency",
                                      "efficiency_ci", "frontier_win_rate", "frontier_win_rate_ci", "beyond_reach")},
                "frontier": {str(kl): frontier.wr_star(kl) for kl in (0.5, 1.0, 2.0)},
                "trajectory": [{"step": s, **{k: e[k] for k in ("kl_ref", "reward_mean", "win_rate", "frontier_win_rate", "efficiency")}}
@@ -194,7 +195,7 @@ def show(result: dict, d, seconds: float) -> None:
     m_ref = frontier.data["meta"]["samples_per_prompt"]
     rows = [  # before training the policy is the reference: KL is 0 and the win rate 1/2 exactly
         ("mean reward (VADER compound, -1..1)", _ci(s, "ref_reward_mean"), _ci(m, "reward_mean")),
-        ("KL(pi || pi_ref), nats", "0 (exactly)", show_divergence(m["kl_ref"], m["kl_ref_ci"], estimator="k1", digits=3)),
+        ("KL(pi || pi_ref), nats", "0 (exactly)", show_divergence(m["kl_ref"], m["kl_ref_ci"], estimator=m["kl_estimator"], digits=3)),
         ("win rate against pi_ref", "0.5 (exactly)", _ci(m, "win_rate")),
         ("best achievable win rate at this KL (WR*)", "0.5", _ci(m, "frontier_win_rate")),
         ("efficiency (WR - 1/2) / (WR* - 1/2)", "", _ci(m, "efficiency")),
@@ -213,7 +214,7 @@ def show(result: dict, d, seconds: float) -> None:
           f"\nReward, win rate and efficiency as KL grows (KL budget {d.kl_budget:g} nats):\n")
     print(table(["step", "KL(pi || pi_ref)", "mean reward", "win rate", "WR*(KL)", "efficiency"],
                 [(0, "0", f"{s['ref_reward_mean']:.3f}", "0.5", "0.5", "")]
-                + [(st, show_divergence(e["kl_ref"], estimator="k1", digits=3), f"{e['reward_mean']:.3f}", f"{e['win_rate']:.3f}",
+                + [(st, show_divergence(e["kl_ref"], estimator=e["kl_estimator"], digits=3), f"{e['reward_mean']:.3f}", f"{e['win_rate']:.3f}",
                     f"{e['frontier_win_rate']:.3f}", f"{e['efficiency']:.2f}") for st, e in result["trajectory"]]))
     print("\nThree held-out openings, a sample of the reference (before) and of the trained policy (after):\n")
     before, after = result["before"], result["draws"]

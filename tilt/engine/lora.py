@@ -128,6 +128,12 @@ class AdapterDisabledReference:
         with self.policy.model.disable_adapter():
             return self.policy.token_logprobs(rollout)
 
+    @torch.no_grad()
+    def token_log_softmax(self, rollout: Rollout) -> Tensor:
+        """(B, T, V) log pi_ref(. | x, y_<t) at every completion position; never differentiable."""
+        with self.policy.model.disable_adapter():
+            return self.policy.token_log_softmax(rollout)
+
 
 def merged_model(model) -> PreTrainedModel:
     """A plain copy of a LoRA-adapted model with the update folded in, W = W0 + (alpha / r) B A, for saving with

@@ -60,10 +60,14 @@ class TabularPolicy(nn.Module):
 
     # --- the Policy protocol --------------------------------------------------------------------------------
     def token_logprobs(self, rollout: Rollout) -> Tensor:
+        logp = self.token_log_softmax(rollout)  # (B, L, V)
+        return logp.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)  # (B, L)
+
+    def token_log_softmax(self, rollout: Rollout) -> Tensor:
+        """(B, L, V) log pi(. | context, y_<t) at every position of the rollout's completions."""
         contexts = rollout.prompt_ids[:, 0]  # (B,)
         step_logits = self.logits[contexts.unsqueeze(-1), self.prefix_index(rollout.completion_ids)]  # (B, L, V)
-        logp = torch.log_softmax(step_logits, dim=-1)
-        return logp.gather(-1, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)  # (B, L)
+        return torch.log_softmax(step_logits, dim=-1)
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[int], samples_per_prompt: int, *, generator: torch.Generator | None = None,

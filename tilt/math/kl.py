@@ -71,5 +71,22 @@ def sequence_kl(estimator, seq_logprobs: Tensor, ref_seq_logprobs: Tensor) -> Te
     return estimator(seq_logprobs - ref_seq_logprobs)
 
 
+def full_token_kl(token_log_probs: Tensor, ref_token_log_probs: Tensor, completion_mask: Tensor) -> Tensor:
+    """Sum over the counted positions t of the exact next-token KL, sum_v pi(v | y_<t) (log pi(v | y_<t) -
+    log pi_ref(v | y_<t)), over the whole vocabulary.
+
+    token_log_probs, ref_token_log_probs: (B, T, V) log-softmaxes of the policy and the reference at each
+    completion position; completion_mask: (B, T) bool, True where a token counts. Returns (B,), not reduced.
+
+    Value: KL(pi||pi_ref) = E_y[sum_t KL_t(y_<t)] (the chain rule of KL), so this is k1 with each token's log-ratio
+    replaced by its conditional expectation given the prefix (Rao-Blackwellised): unbiased, lower variance.
+    Gradient: ∇KL = E_y[∇log pi(y) sum_t KL_t] + E_y[sum_t ∇KL_t], the score-function term through the prefixes
+    and the pathwise term of each position's distribution (KL-RL ``kl_penalty=full`` uses both; the pathwise term
+    alone is the per-token penalty of full-distribution methods, biased like per-token k2).
+    """
+    kl_t = (token_log_probs.exp() * (token_log_probs - ref_token_log_probs)).sum(-1)  # (B, T)
+    return torch.where(completion_mask, kl_t, 0.0).sum(-1)
+
+
 KL_ESTIMATORS = {"k1": k1, "k2": k2, "k3": k3}
 """Names a config may give; the map is read once, at the top of a recipe."""

@@ -40,7 +40,7 @@ import torch
 
 from tilt import distributed
 from tilt.math import importance, mismatch
-from tilt.math.kl import KL_ESTIMATORS, sequence_kl, token_kl
+from tilt.math.kl import KL_ESTIMATORS, full_token_kl, sequence_kl, token_kl
 from tilt.math.masking import masked_sum
 from tilt.math.pg import kl_shaped_reward, leave_one_out_advantage, ppo_clip_loss, reinforce_loss
 from tilt.math.kl_control import adaptive_kl_beta
@@ -66,7 +66,9 @@ class KLRLConfig:
     optimizer: str = field(default="adamw", metadata={"help": "adamw or sgd"})
     lr_schedule: str = field(default="constant", metadata={"help": "'constant' or 'linear' (decay to 0 at the last step)"})
     warmup_steps: int = field(default=0, metadata={"help": "steps of linear warm-up from 0 to lr"})
-    kl_penalty: str = field(default="reward", metadata={"help": "'reward': k1 in the shaped reward (exact); 'loss': estimator added to the loss"})
+    kl_penalty: str = field(default="reward", metadata={"help": "'reward': k1 in the shaped reward (exact); 'loss': estimator added to the loss; "
+                                                           "'full': the exact next-token KL over the whole vocabulary at each position, in the "
+                                                           "reward and as a pathwise loss term (exact gradient, lower variance; docs/kl_rl.md)"})
     kl_estimator: str = field(default="k1", metadata={"help": "k1, k2 or k3; used with kl_penalty=loss (the reward always uses k1)"})
     kl_level: str = field(default="sequence", metadata={"help": "with kl_penalty=loss: 'sequence' (estimator on the summed log-ratio) or 'token' (summed per-token estimates)"})
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each batch; 1 = REINFORCE, >1 = PPO-clip"})
@@ -97,8 +99,8 @@ class KLRLConfig:
             raise ValueError("samples_per_prompt must be >= 2: the leave-one-out baseline needs two samples of a prompt")
         if self.prompts_per_step < 1 or self.steps < 0:
             raise ValueError("prompts_per_step must be >= 1 and steps >= 0")
-        if self.kl_penalty not in ("reward", "loss"):
-            raise ValueError(f"kl_penalty must be 'reward' or 'loss', got {self.kl_penalty!r}")
+        if self.kl_penalty not in ("reward", "loss", "full"):
+            raise ValueError(f"kl_penalty must be 'reward', 'loss' or 'full', got {self.kl_penalty!r}")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator must be one of {sorted(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
         if self.kl_level not in ("sequence", "token"):
@@ -116,6 +118,33 @@ def score_tokens(policy: Policy, rollout: Rollout, micro_batch_size: int) -> tor
     """(B, T) token log-probs of a rollout under ``policy``, without gradient, micro-batched."""
     parts = [policy.token_logprobs(rollout.take(s)) for s in micro_batches(len(rollout), micro_batch_size)]
     return torch.cat(parts)
+
+
+def picked(token_log_probs: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) log-probs of the completion tokens from (B, T, V) log-softmaxes, 0 off the completion mask."""
+    return token_log_probs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1).masked_fill(~completion_mask, 0.0)
+
+
+def full_kl_pass(policy: Policy, ref: Policy, rollout: Rollout, parts: list, *, reuse: bool):
+    """The first passes of ``kl_penalty=full``: (graded_full, ref_full, kl_full_seq (B,), old_tok (B, T), ref_tok (B, T)).
+
+    With one micro-batch and ``reuse`` (one epoch), the policy's pass is the update's own, with grad (graded_full,
+    (B, T, V)) and the reference's is kept for it (ref_full); otherwise both are None and each micro-batch is
+    scored here without grad, then again in the update (one more pass of each model, (b, T, V) floats at a time)."""
+    mask = rollout.completion_mask
+    if reuse and len(parts) == 1:
+        with torch.no_grad():
+            ref_full = ref.token_log_softmax(rollout)  # (B, T, V)
+        graded_full = policy.token_log_softmax(rollout)  # (B, T, V) with grad
+        firsts = [(graded_full.detach(), ref_full)]
+    else:
+        graded_full = ref_full = None
+        with torch.no_grad():
+            firsts = [(policy.token_log_softmax(rollout.take(p)), ref.token_log_softmax(rollout.take(p))) for p in parts]
+    kl_full_seq = torch.cat([full_token_kl(pi_f, ref_f, mask[p]) for (pi_f, ref_f), p in zip(firsts, parts)])
+    old_tok = torch.cat([picked(pi_f, rollout.completion_ids[p], mask[p]) for (pi_f, _), p in zip(firsts, parts)])
+    ref_tok = torch.cat([picked(ref_f, rollout.completion_ids[p], mask[p]) for (_, ref_f), p in zip(firsts, parts)])
+    return graded_full, ref_full, kl_full_seq, old_tok, ref_tok
 
 
 def kl_rl_step(
@@ -139,22 +168,30 @@ def kl_rl_step(
     scores = score_rollout_by_function(reward_fn, rollout)  # passes completion_ids, as TRL does
     rewards = scores.total  # (B,) the weighted sum of the reward functions
 
-    ref_tok = score_tokens(ref, rollout, config.micro_batch_size)  # (B, T)
     parts = micro_batches(len(rollout), config.micro_batch_size)
+    full = config.kl_penalty == "full"
     graded_tok = None  # the update's own forward pass, when it can also supply pi's log-probs
-    if rollout.sampled_from_policy:
-        old_tok = rollout.sample_token_logprobs  # equal to the scorer's to float precision (tested)
-    elif rollout.from_proposal and config.ppo_epochs == 1 and len(parts) == 1:
-        graded_tok = policy.token_logprobs(rollout)  # (B, T) with grad: pi's log-probs come free with the update's pass
-        old_tok = graded_tok.detach()
+    graded_full = ref_full = kl_full_seq = None  # kl_penalty=full: (B, T, V) distributions, (B,) sum_t KL_t
+    if full:
+        graded_full, ref_full, kl_full_seq, old_tok, ref_tok = full_kl_pass(policy, ref, rollout, parts, reuse=config.ppo_epochs == 1)
     else:
-        old_tok = score_tokens(policy, rollout, config.micro_batch_size)
+        ref_tok = score_tokens(ref, rollout, config.micro_batch_size)  # (B, T)
+        if rollout.sampled_from_policy:
+            old_tok = rollout.sample_token_logprobs  # equal to the scorer's to float precision (tested)
+        elif rollout.from_proposal and config.ppo_epochs == 1 and len(parts) == 1:
+            graded_tok = policy.token_logprobs(rollout)  # (B, T) with grad: pi's log-probs come free with the update's pass
+            old_tok = graded_tok.detach()
+        else:
+            old_tok = score_tokens(policy, rollout, config.micro_batch_size)
     old_seq, ref_seq = masked_sum(old_tok, mask), masked_sum(ref_tok, mask)  # (B,)
     q_seq = rollout.sample_seq_logprobs.to(old_seq.dtype)  # (B,) log q: the sampler's (= old_seq when q = pi)
     rewards = rewards.to(old_seq.dtype)
 
-    beta_in_reward = config.beta if config.kl_penalty == "reward" else 0.0
-    shaped = kl_shaped_reward(rewards, old_seq, ref_seq, beta=beta_in_reward)  # (B,)
+    if full:  # r - beta * sum_t KL_t: the Rao-Blackwellised k1 (tilt.math.kl.full_token_kl)
+        shaped = rewards - config.beta * kl_full_seq.to(rewards.dtype)  # (B,)
+    else:
+        beta_in_reward = config.beta if config.kl_penalty == "reward" else 0.0
+        shaped = kl_shaped_reward(rewards, old_seq, ref_seq, beta=beta_in_reward)  # (B,)
     seq_weights = None  # (B,) pi/q per sequence (tilt.math.mismatch) when a fast sampler q drew the samples
     if rollout.from_proposal:
         group_weights = mismatch.sequence_weights(mismatch.log_ratio(old_seq, q_seq).view(-1, k), weighting=config.importance_weighting,
@@ -171,13 +208,22 @@ def kl_rl_step(
         optimizer.zero_grad(set_to_none=True)
         for i, part in enumerate(parts):
             sub = rollout.take(part)
-            tok = graded_tok if graded_tok is not None else policy.token_logprobs(sub)  # (b, T) with grad
+            if full:
+                pi_full = graded_full if graded_full is not None else policy.token_log_softmax(sub)  # (b, T, V) with grad
+                if graded_full is None:
+                    with torch.no_grad():
+                        ref_full = ref.token_log_softmax(sub)
+                tok = picked(pi_full, sub.completion_ids, sub.completion_mask)  # (b, T)
+            else:
+                tok = graded_tok if graded_tok is not None else policy.token_logprobs(sub)  # (b, T) with grad
             if config.ppo_epochs == 1:
                 per_seq = reinforce_loss(tok, advantages[part], sub.completion_mask)
                 clipped = torch.zeros(())
             else:
                 per_seq, clip_frac = ppo_clip_loss(tok, old_tok[part], advantages[part], sub.completion_mask, clip_eps=config.clip_eps)
                 clipped = clip_frac.sum()
+            if full and config.beta > 0:  # the pathwise term E[sum_t ∇KL_t]; the reward holds the prefixes' term
+                per_seq = per_seq + config.beta * full_token_kl(pi_full, ref_full, sub.completion_mask)
             if config.kl_penalty == "loss" and config.beta > 0:
                 if config.kl_level == "sequence":
                     kl = sequence_kl(estimator, masked_sum(tok, sub.completion_mask), ref_seq[part])
@@ -214,6 +260,7 @@ def kl_rl_step(
         "reward_std": rewards.std().item() if n_seq > 1 else 0.0,
         "kl_ref": kl_seq.mean().item(),
         "kl_ref_k3": sequence_kl(KL_ESTIMATORS["k3"], old_seq, ref_seq).mean().item(),
+        **({"kl_ref_full": distributed.all_gather_cat(kl_full_seq)[0].mean().item()} if full else {}),
         "shaped_reward": kl_shaped_reward(rewards, old_seq, ref_seq, beta=config.beta).mean().item(),
         "entropy": -old_seq.mean().item(),
         "advantage_abs": advantages.abs().mean().item(),
