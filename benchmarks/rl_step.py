@@ -14,7 +14,9 @@ the same process. Not a test: the verdict is the printed ratio.
 
 ``--sampler`` runs one tilt side per sampler (``SamplingConfig.sampler``), interleaved with TRL in every round
 (tilt:exact, tilt:int8, TRL, ...). The reward columns then also compare the fast sampler's learning with the
-exact sampler's: the mean reward of the last five steps with its standard error over those steps.
+exact sampler's: the mean reward of the last five steps with its standard error over those steps. ``--dtype float32
+auto`` adds one tilt side per compute dtype (float32 weights, forward passes under autocast: docs/runs.md,
+"Precision"); TRL keeps its own defaults (bf16 autocast and gradient checkpointing, printed with its side).
 
 Needs TRL (``benchmarks/requirements-bench.txt``); run with the benchmark environment's Python.
 """
@@ -55,9 +57,12 @@ def run_tilt(args, folder: str) -> dict:
     ref_model, _ = load(args.model, folder)
     for p in ref_model.parameters():
         p.requires_grad_(False)
+    from tilt.runs.setup import pick_dtype
+
     sampling = SamplingConfig(max_new_tokens=args.completion_length, sampler=args.sampler[0])  # one sampler per tilt side
-    policy, ref = HFPolicy(model, tokenizer, sampling), HFPolicy(ref_model, tokenizer, sampling)
-    samplers = {"kind": policy.sampler_kind, "reason": policy.sampler_reason}
+    compute = pick_dtype(args.dtype[0], "cpu")  # float32 weights, forward passes in this dtype (docs/runs.md, "Precision")
+    policy, ref = HFPolicy(model, tokenizer, sampling, compute_dtype=compute), HFPolicy(ref_model, tokenizer, sampling, compute_dtype=compute)
+    samplers = {"kind": policy.sampler_kind, "reason": policy.sampler_reason, "compute": str(compute).removeprefix("torch.")}
     config = KLRLConfig(beta=args.beta, steps=args.steps, prompts_per_step=args.prompts_per_step,
                         samples_per_prompt=args.completions_per_prompt, lr=args.lr, seed=args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -117,7 +122,8 @@ def run_trl(args, folder: str) -> dict:
         lengths = [h.get("completions/mean_length", float("nan")) for h in trainer.state.log_history if "reward" in h]
         n_params = sum(p.numel() for p in trainer.model.parameters())
     return {"step_times": [b - a for a, b in zip(stamps, stamps[1:])], "rewards": rewards, "completion_length": lengths,
-            "n_params": n_params, "trl_version": trl.__version__}
+            "n_params": n_params, "trl_version": trl.__version__, "bf16": bool(config.bf16),
+            "gradient_checkpointing": bool(config.gradient_checkpointing)}
 
 
 def child(args) -> None:
@@ -148,6 +154,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sampler", nargs="+", default=["auto"], help="tilt sides to run, one per sampler: exact, int8, bf16, auto")
     ap.add_argument("--reward", choices=sorted(common.REWARDS), default="sevens", help="'letter-e' has signal on a real model's text")
+    ap.add_argument("--dtype", nargs="+", default=["float32"], help="tilt's compute dtypes, one tilt side per sampler and dtype: "
+                                                                   "float32, bfloat16 or auto (bfloat16 where the CPU has it natively)")
     ap.add_argument("--side", choices=["tilt", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -156,19 +164,21 @@ def main():
 
     folder = args.folder or tempfile.mkdtemp(prefix="tilt-bench-")
     print(common.machine_line(), flush=True)
-    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("side", "folder", "rounds", "sampler")]
-    sides = {**{f"tilt:{s}": ["--side=tilt", f"--sampler={s}"] for s in args.sampler}, "trl": ["--side=trl"]}
+    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("side", "folder", "rounds", "sampler", "dtype")]
+    sides = {**{f"tilt:{s}" + (f"/{d}" if d != "float32" else ""): ["--side=tilt", f"--sampler={s}", f"--dtype={d}"]
+                for s in args.sampler for d in args.dtype}, "trl": ["--side=trl"]}
     results = {side: [] for side in sides}
     for r in range(args.rounds):
         for side, extra in sides.items():
             res = common.run_side(sys.executable, os.path.abspath(__file__), [*passthrough, *extra, f"--folder={folder}"])
             results[side].append(res)
             times = res["step_times"][1:]
-            used = f" (sampler {res['sampler']['kind']}: {res['sampler']['reason']})" if "sampler" in res else ""
+            used = (f" (sampler {res['sampler']['kind']}: {res['sampler']['reason']}; compute {res['sampler']['compute']})" if "sampler" in res
+                    else f" (its defaults: bf16 {res.get('bf16')}, gradient checkpointing {res.get('gradient_checkpointing')})")
             print(f"round {r} {side:>10}{used}: {common.median(times):.3f} s/step (median of {len(times)}), final reward "
                   f"{res['rewards'][-1]:.3f}, peak RSS {res['peak_rss_mb']:.0f} MB, matmul {res['matmul_gflops']:.0f} GFLOP/s, "
                   f"load {res['load'][0]:.2f}-{res['load'][1]:.2f}", flush=True)
-            if res.get("sampler_metrics") and res["sampler"]["kind"] != "exact":
+            if res.get("sampler_metrics") and (res["sampler"]["kind"] != "exact" or res["sampler"]["compute"] != "float32"):
                 m = res["sampler_metrics"]
                 refreshes = [x["sampler/refresh_seconds"] for x in m[1:] if x["sampler/refresh_seconds"] > 0]
                 print(f"{'':>19}sampler/kl_q_pi median {common.median([x['sampler/kl_q_pi'] for x in m]):.4f}, ess_fraction median "
