@@ -30,8 +30,9 @@ class Rollout:
     sample_token_logprobs: Tensor  # (B, T) log-prob of each token under the *sampling* distribution, 0 off-mask
     samples_per_prompt: int  # K
     sampled_from_policy: bool = True  # True when the sampling distribution is the policy's own (temperature 1, no top-k/p)
-    # which copy of the policy drew the completions: 'exact' (the policy itself, possibly tempered/truncated) or a
-    # reduced-precision proposal q ('int8', 'fp16', 'bf16'; tilt.engine.fast_sampler), whose samples recipes weight by pi/q
+    # which copy of the policy drew the completions: 'exact' (the policy itself, possibly tempered/truncated), a
+    # reduced-precision proposal q ('int8', 'fp16', 'bf16'; tilt.engine.fast_sampler), or 'autocast' (the policy's own
+    # weights decoded under autocast, docs/runs.md "Precision"); recipes weight a proposal's samples by pi/q
     sampler: str = "exact"
     sampler_refresh_seconds: float = 0.0  # seconds spent bringing the sampler copy up to date before this draw
 
@@ -40,6 +41,13 @@ class Rollout:
         """True when a reduced-precision copy q of the policy drew the completions: ``sample_token_logprobs`` are
         log q, and recipes weight each sequence by pi/q (``tilt.math.mismatch``)."""
         return self.sampler != "exact"
+
+    @property
+    def of_the_model(self) -> bool:
+        """True when the samples follow the model's own law: drawn from it exactly, or by its own weights under
+        autocast (rounded otherwise than the scoring pass: ``sample_token_logprobs`` then differ from the scorer's by
+        that rounding, 0.03 nats a sequence on SmolLM2-135M). Evaluation and the k1 diagnostics need this."""
+        return self.sampled_from_policy or self.sampler == "autocast"
 
     @property
     def sample_seq_logprobs(self) -> Tensor:

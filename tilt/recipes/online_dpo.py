@@ -241,7 +241,7 @@ def refit(config: OnlineDPOConfig, policy: Policy, data: Sequence[LabelledPairs]
 def kl_ref_estimate(pairs: LabelledPairs) -> float:
     """Mean log pi(y) - log pi_ref(y) over the fresh policy samples A (a k1 estimate of KL(pi || pi_ref) before the
     update); NaN when the policy sampled with a modified distribution (temperature, top-k/p), whose log-probs differ."""
-    if not pairs.a.sampled_from_policy:
+    if not pairs.a.of_the_model:
         return float("nan")
     (k1,) = distributed.all_gather_cat(masked_sum(pairs.a.sample_token_logprobs, pairs.a.completion_mask) - pairs.ref_a)
     return k1.mean().item()  # over every rank's pairs
@@ -259,7 +259,7 @@ def target_diagnostics(pairs: LabelledPairs, *, scale: float, beta: float, ref_s
     ones, which on average over-state the variance of a stratified mean (they also count the components' spread).
     Empty when the target or the samples do not allow it (module docstring): no latent rewards, or samples not from
     their sampler's model itself."""
-    if pairs.rewards_a is None or not (pairs.a.sampled_from_policy and pairs.b.sampled_from_policy):
+    if pairs.rewards_a is None or not (pairs.a.of_the_model and pairs.b.of_the_model):
         return {}
     log_pi_a = masked_sum(pairs.a.sample_token_logprobs, pairs.a.completion_mask)  # (P,) drawn by pi_t
     if pairs.b_from_ref:
@@ -366,6 +366,8 @@ def train(
 # --- the stored pairs in a checkpoint: JSON and named tensors, no pickle -----------------------------------------
 ROLLOUT_TENSORS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated", "sample_token_logprobs")
 PAIR_TENSORS = ("a_preferred", "ref_a", "ref_b")
+OPTIONAL_PAIR_TENSORS = ("log_weight", "rewards_a", "rewards_b")
+"""Saved when the pair has them (None otherwise): the importance weight of a proposal's samples, the latent rewards."""
 
 
 def _json_value(value: Any) -> Any:
@@ -387,11 +389,15 @@ def stored_pairs_state(stored: Sequence[LabelledPairs]) -> tuple[list[dict], dic
             rollout: Rollout = getattr(pairs, side)
             row[side] = {"prompts": [_json_value(p) for p in rollout.prompts],
                          "completions": [_json_value(c) for c in rollout.completions],
-                         "samples_per_prompt": rollout.samples_per_prompt, "sampled_from_policy": rollout.sampled_from_policy}
+                         "samples_per_prompt": rollout.samples_per_prompt, "sampled_from_policy": rollout.sampled_from_policy,
+                         "sampler": rollout.sampler}  # which proposal drew it: pi/q weighting depends on it
             for name in ROLLOUT_TENSORS:
                 tensors[f"{i}.{side}.{name}"] = getattr(rollout, name).detach().cpu().contiguous()
         for name in PAIR_TENSORS:
             tensors[f"{i}.{name}"] = getattr(pairs, name).detach().cpu().contiguous()
+        for name in OPTIONAL_PAIR_TENSORS:  # saved when present: a pair drawn by a proposal keeps its pi/q weight
+            if getattr(pairs, name) is not None:
+                tensors[f"{i}.{name}"] = getattr(pairs, name).detach().cpu().contiguous()
         rows.append(row)
     return rows, tensors
 
@@ -407,8 +413,10 @@ def restore_stored_pairs(rows: Sequence[dict], tensors: dict[str, Tensor], devic
                 sides[side] = Rollout(prompts=[_from_json(p) for p in meta["prompts"]],
                                       completions=[_from_json(c) for c in meta["completions"]],
                                       **{name: tensors[f"{i}.{side}.{name}"].to(device) for name in ROLLOUT_TENSORS},
-                                      samples_per_prompt=meta["samples_per_prompt"], sampled_from_policy=meta["sampled_from_policy"])
-            out.append(LabelledPairs(**sides, **{name: tensors[f"{i}.{name}"].to(device) for name in PAIR_TENSORS},
+                                      samples_per_prompt=meta["samples_per_prompt"], sampled_from_policy=meta["sampled_from_policy"],
+                                      sampler=meta.get("sampler", "exact"))  # checkpoints before the key held exact samples only
+            optional = {name: tensors[f"{i}.{name}"].to(device) for name in OPTIONAL_PAIR_TENSORS if f"{i}.{name}" in tensors}
+            out.append(LabelledPairs(**sides, **{name: tensors[f"{i}.{name}"].to(device) for name in PAIR_TENSORS}, **optional,
                                      b_from_ref=row["b_from_ref"]))
         except KeyError as exc:
             raise ValueError(f"the stored pairs of step {i} lack {exc}: the checkpoint is incomplete or from another version") from None
