@@ -40,7 +40,7 @@ from tilt.math import importance
 from tilt.math.bootstrap import bootstrap_mean  # the one two-level bootstrap (also imported from here by callers)
 from tilt.math.infalign import best_of_n_values, bootstrap_win_rate, worst_of_n_values
 from tilt.math.kl import full_token_kl, k1, k3
-from tilt.math.masking import masked_sum
+from tilt.math.masking import masked_sum, picked_token_logprobs
 from tilt.recipes.common import derive_seed
 from tilt.rewards import RewardFn, score_rewards
 from tilt.rollout import Policy
@@ -165,15 +165,16 @@ def draw_scored(policy: Policy, prompts: Sequence[Any], k: int, reward_fn: Rewar
             mask = rollout.completion_mask
             lengths[start:start + len(chunk), s0:s0 + m] = mask.sum(-1).view(len(chunk), m).cpu()
             truncated[start:start + len(chunk), s0:s0 + m] = rollout.truncated.view(len(chunk), m).cpu()
-            if ref is not None and ref is not policy and full_kl:
-                pi_full, ref_full = policy.token_log_softmax(rollout), ref.token_log_softmax(rollout)  # (B, T, V)
-                ids = rollout.completion_ids.unsqueeze(-1)
-                lr = masked_sum(pi_full.gather(-1, ids).squeeze(-1) - ref_full.gather(-1, ids).squeeze(-1), mask)  # (B,)
-                log_ratio[start:start + len(chunk), s0:s0 + m] = lr.double().view(len(chunk), m).cpu()
-                kl_full[start:start + len(chunk), s0:s0 + m] = full_token_kl(pi_full, ref_full, mask).double().view(len(chunk), m).cpu()
-                del pi_full, ref_full
-            elif ref is not None and ref is not policy:
-                lr = masked_sum(policy.token_logprobs(rollout) - ref.token_logprobs(rollout), mask)  # (B,)
+            if ref is not None and ref is not policy:
+                if full_kl:
+                    pi_full, ref_full = policy.token_log_softmax(rollout), ref.token_log_softmax(rollout)  # (B, T, V)
+                    ids = rollout.completion_ids
+                    pi_tok, ref_tok = picked_token_logprobs(pi_full, ids, mask), picked_token_logprobs(ref_full, ids, mask)
+                    kl_full[start:start + len(chunk), s0:s0 + m] = full_token_kl(pi_full, ref_full, mask).double().view(len(chunk), m).cpu()
+                    del pi_full, ref_full
+                else:
+                    pi_tok, ref_tok = policy.token_logprobs(rollout), ref.token_logprobs(rollout)  # (B, T)
+                lr = masked_sum(pi_tok - ref_tok, mask)  # (B,)
                 log_ratio[start:start + len(chunk), s0:s0 + m] = lr.double().view(len(chunk), m).cpu()
             for j, i in enumerate(rows):
                 completions[i].extend(rollout.completions[j * m:(j + 1) * m])

@@ -10,6 +10,11 @@ def masked_sum(values: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, values, 0.0).sum(-1)
 
 
+def picked_token_logprobs(token_log_probs: Tensor, completion_ids: Tensor, completion_mask: Tensor) -> Tensor:
+    """(B, T) log-probs of the completion tokens, picked from (B, T, V) log-softmaxes; 0 off the completion mask."""
+    return token_log_probs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1).masked_fill(~completion_mask, 0.0)
+
+
 def completion_mask_from_eos(completion_ids: Tensor, eos_ids: Tensor) -> tuple[Tensor, Tensor]:
     """The one masking convention: tokens up to and including the first EOS count, nothing after it.
 

@@ -41,7 +41,7 @@ import torch
 from tilt import distributed
 from tilt.math import importance, mismatch
 from tilt.math.kl import KL_ESTIMATORS, full_token_kl, sequence_kl, token_kl
-from tilt.math.masking import masked_sum
+from tilt.math.masking import masked_sum, picked_token_logprobs
 from tilt.math.pg import kl_shaped_reward, leave_one_out_advantage, ppo_clip_loss, reinforce_loss
 from tilt.math.kl_control import adaptive_kl_beta
 from tilt.recipes.common import (ConstantRewardWatch, KLControlState, build_optimizer, frac_zero_std, grad_norm_and_clip, learning_rate,
@@ -120,11 +120,6 @@ def score_tokens(policy: Policy, rollout: Rollout, micro_batch_size: int) -> tor
     return torch.cat(parts)
 
 
-def picked(token_log_probs: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) log-probs of the completion tokens from (B, T, V) log-softmaxes, 0 off the completion mask."""
-    return token_log_probs.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1).masked_fill(~completion_mask, 0.0)
-
-
 def full_kl_pass(policy: Policy, ref: Policy, rollout: Rollout, parts: list, *, reuse: bool):
     """The first passes of ``kl_penalty=full``: (graded_full, ref_full, kl_full_seq (B,), old_tok (B, T), ref_tok (B, T)).
 
@@ -142,8 +137,8 @@ def full_kl_pass(policy: Policy, ref: Policy, rollout: Rollout, parts: list, *, 
         with torch.no_grad():
             firsts = [(policy.token_log_softmax(rollout.take(p)), ref.token_log_softmax(rollout.take(p))) for p in parts]
     kl_full_seq = torch.cat([full_token_kl(pi_f, ref_f, mask[p]) for (pi_f, ref_f), p in zip(firsts, parts)])
-    old_tok = torch.cat([picked(pi_f, rollout.completion_ids[p], mask[p]) for (pi_f, _), p in zip(firsts, parts)])
-    ref_tok = torch.cat([picked(ref_f, rollout.completion_ids[p], mask[p]) for (_, ref_f), p in zip(firsts, parts)])
+    old_tok = torch.cat([picked_token_logprobs(pi_f, rollout.completion_ids[p], mask[p]) for (pi_f, _), p in zip(firsts, parts)])
+    ref_tok = torch.cat([picked_token_logprobs(ref_f, rollout.completion_ids[p], mask[p]) for (_, ref_f), p in zip(firsts, parts)])
     return graded_full, ref_full, kl_full_seq, old_tok, ref_tok
 
 
@@ -213,7 +208,7 @@ def kl_rl_step(
                 if graded_full is None:
                     with torch.no_grad():
                         ref_full = ref.token_log_softmax(sub)
-                tok = picked(pi_full, sub.completion_ids, sub.completion_mask)  # (b, T)
+                tok = picked_token_logprobs(pi_full, sub.completion_ids, sub.completion_mask)  # (b, T)
             else:
                 tok = graded_tok if graded_tok is not None else policy.token_logprobs(sub)  # (b, T) with grad
             if config.ppo_epochs == 1:
