@@ -45,7 +45,7 @@ EMBEDDED_STEP := --model embedded --prompts-per-step 2 --completions-per-prompt 
 bench: $(BENCH_STAMP)
 	$(BENCH_PY) benchmarks/sampling.py --threads 1
 	$(BENCH_PY) benchmarks/sampling.py --threads 1 --samples-per-prompt 4
-	$(BENCH_PY) benchmarks/sampling.py --threads 1 --model embedded --batch 16 --new-tokens 16 --repeats 2 --sampler exact int8 auto
+	$(BENCH_PY) benchmarks/sampling.py --threads 1 --model embedded --batch 16 --new-tokens 16 --repeats 2 --sampler exact int8 int8-smooth auto
 	$(BENCH_PY) benchmarks/rl_step.py --threads 1
 	$(BENCH_PY) benchmarks/rl_step.py --threads 1 $(EMBEDDED_STEP) --steps 20 --rounds 1 --sampler exact auto --dtype float32 auto
 	$(BENCH_PY) benchmarks/online_dpo_step.py --threads 1

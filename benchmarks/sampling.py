@@ -3,9 +3,10 @@
 Prints new tokens per second of both and their ratio, measured side by side (A B A B ...) in one run, with
 the load average next to each pair. Not a test: the verdict is the printed ratio.
 
-``--sampler`` names tilt's samplers to time (``SamplingConfig.sampler``: exact, int8, bf16, auto); each is
-interleaved with ``generate`` in every round, and the fast samplers' copy-refresh time (one re-quantisation or
-cast of the weights, what a training step pays once) is printed with them.
+``--sampler`` names tilt's samplers to time (``SamplingConfig.sampler``: exact, int8, int8-smooth, fp16, bf16,
+auto); each is interleaved with ``generate`` in every round, and the fast samplers' copy-refresh time (one
+re-quantisation or cast of the weights, what a training step pays once) and how far their proposal q is from the
+model (KL(q || pi) per token, from the samples drawn) are printed with them.
 
     python benchmarks/sampling.py                      # tiny Llama, batches 16 and 64
     python benchmarks/sampling.py --model PATH --batch 16 --new-tokens 32
@@ -35,10 +36,17 @@ def generate_tokens_per_s(model, prompt_ids, prompt_mask, new_tokens, pad_id, eo
 
 
 def tilt_tokens_per_s(policy, prompts, samples_per_prompt, generator):
+    """(tokens/s of one ``sample`` call, KL(q || pi) per token of its samples: 0 for the exact sampler, else the mean
+    of log q - log pi over its tokens, pi scored by one full pass outside the timing)."""
     start = time.perf_counter()
     rollout = policy.sample(prompts, samples_per_prompt, generator=generator)
     seconds = time.perf_counter() - start
-    return rollout.completion_ids.numel() / seconds
+    kl = 0.0
+    if rollout.from_proposal:
+        with torch.no_grad():
+            log_pi = policy.token_logprobs(rollout)
+        kl = ((rollout.sample_token_logprobs - log_pi)[rollout.completion_mask].mean().item())
+    return rollout.completion_ids.numel() / seconds, kl
 
 
 def refresh_seconds(policy) -> float:
@@ -56,7 +64,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--samples-per-prompt", type=int, default=1, help="K: tilt gets B/K prompts and K samples of each")
-    ap.add_argument("--sampler", nargs="+", default=["exact"], help="tilt samplers to time: exact, int8, bf16, auto")
+    ap.add_argument("--sampler", nargs="+", default=["exact"], help="tilt samplers to time: exact, int8, int8-smooth, fp16, bf16, auto")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -84,24 +92,25 @@ def main():
     print(f"{args.threads} threads, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{args.new_tokens} new tokens, {args.samples_per_prompt} sample(s) per prompt; samplers "
           + ", ".join(f"{name} -> {p.sampler_kind} ({p.sampler_reason})" for name, p in policies.items()))
-    print(f"{'batch':>5}  {'sampler':>7}  {'generate tok/s':>14}  {'tilt tok/s':>10}  {'ratio':>6}  {'refresh s':>9}  load average")
+    print(f"{'batch':>5}  {'sampler':>11}  {'generate tok/s':>14}  {'tilt tok/s':>10}  {'ratio':>6}  {'refresh s':>9}  "
+          f"{'KL(q||pi)/t':>11}  load average")
     for batch in args.batch:
         k = args.samples_per_prompt
         prompts = [("the cat sat on the mat " * (1 + i % 3)).strip() for i in range(batch // k)]
         prompt_ids, prompt_mask = next(iter(policies.values())).encode_prompts([p for p in prompts for _ in range(k)])
-        rates = {name: ([], [], [], []) for name in policies}  # generate, tilt, refresh, load
+        rates = {name: ([], [], [], [], []) for name in policies}  # generate, tilt, refresh, load, KL(q || pi) per token
         for r in range(args.repeats + 1):  # first round warms up (and builds the copies)
             for name, policy in policies.items():  # generate and each sampler interleaved: A B A C A B A C ...
                 torch.manual_seed(r)
                 g = generate_tokens_per_s(model, prompt_ids, prompt_mask, args.new_tokens, tokenizer.pad_token_id, eos_id)
-                t = tilt_tokens_per_s(policy, prompts, k, torch.Generator().manual_seed(r))
+                t, kl = tilt_tokens_per_s(policy, prompts, k, torch.Generator().manual_seed(r))
                 if r:
-                    for values, x in zip(rates[name], (g, t, refresh_seconds(policy), os.getloadavg()[0])):
+                    for values, x in zip(rates[name], (g, t, refresh_seconds(policy), os.getloadavg()[0], kl)):
                         values.append(x)
-        for name, (gs, ts, refresh, loads) in rates.items():
+        for name, (gs, ts, refresh, loads, kls) in rates.items():
             g, t = statistics.median(gs), statistics.median(ts)
-            print(f"{batch:>5}  {name:>7}  {g:>14.0f}  {t:>10.0f}  {t / g:>6.2f}  {statistics.median(refresh):>9.3f}  "
-                  f"{' '.join(f'{x:.2f}' for x in loads)}", flush=True)
+            print(f"{batch:>5}  {name:>11}  {g:>14.0f}  {t:>10.0f}  {t / g:>6.2f}  {statistics.median(refresh):>9.3f}  "
+                  f"{statistics.mean(kls):>11.4f}  {' '.join(f'{x:.2f}' for x in loads)}", flush=True)
 
 
 if __name__ == "__main__":

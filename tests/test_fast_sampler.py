@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 from tilt.engine import fast_sampler
 from tilt.engine.hf import HFPolicy, SamplingConfig
@@ -60,7 +61,7 @@ def replayed_logprobs(model, rollout):
     return torch.stack(out, -1)
 
 
-@pytest.mark.parametrize("kind", ["int8", "fp16", "bf16"])
+@pytest.mark.parametrize("kind", ["int8", "int8-smooth", "fp16", "bf16"])
 def test_rollout_records_the_samplers_log_probs(tokenizer, kind):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bf16 on a CPU without native bfloat16 warns that it is slow
@@ -162,3 +163,47 @@ def test_refresh_every_n_steps_and_by_cost(tokenizer, monkeypatch):
     assert sampler.refreshes == 2
     by_cost.sample(PROMPTS, 2)
     assert sampler.refreshes == 2  # nothing changed since
+
+
+def test_smooth_int8_layer_moves_an_outlier_channel_into_the_weights():
+    """SmoothQuant's factors leave the float product unchanged; quantised per token after smoothing, a layer whose
+    input has one outlier channel (as LLM activations do) stays within 1% where one scale per call, or per-token
+    scales without smoothing, do not; and a row's output does not depend on the other rows of the call."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    x = torch.randn(20, 64)
+    x[:, 3] *= 60  # the outlier channel
+    exact = linear(x).detach()
+    smoothing = fast_sampler.smoothing_factors(x.abs().amax(0), linear.weight)
+    with torch.no_grad():
+        torch.testing.assert_close((x / smoothing) @ (linear.weight * smoothing).T + linear.bias, exact, rtol=1e-4, atol=1e-4)
+
+    def error(layer):
+        with torch.no_grad():
+            return ((layer(x) - exact).norm() / exact.norm()).item()
+
+    smooth = fast_sampler.SmoothInt8Linear(linear, smoothing)
+    unsmoothed = fast_sampler.SmoothInt8Linear(linear, torch.ones(64))
+    assert error(smooth) < 0.01
+    assert error(unsmoothed) > 3 * error(smooth)
+    assert error(fast_sampler.int8_linear(linear)) > 10 * error(smooth)
+    with torch.no_grad():
+        assert torch.equal(smooth(x[:1]), smooth(x)[:1])
+
+
+def test_smooth_int8_copy_is_calibrated_once_and_requantised_at_refresh(tokenizer):
+    policy = policy_with(tokenizer, "int8-smooth")
+    with pytest.raises(ValueError, match="calibration"):
+        fast_sampler.FastSampler(policy.model, "int8-smooth").refresh(policy.model)
+    rollout = policy.sample(PROMPTS, 2, generator=torch.Generator().manual_seed(1))
+    name = "model.layers.0.mlp.down_proj"
+    layer = policy.fast_sampler.copy.get_submodule(name)
+    smoothing = 1.0 / layer.inv_smoothing.clone()
+    codes = layer.weight_codes_t.clone()
+    sgd_step(policy, rollout)
+    policy.sample(PROMPTS, 2, generator=torch.Generator().manual_seed(1))
+    assert policy.fast_sampler.refreshes == 2
+    assert torch.equal(1.0 / layer.inv_smoothing, smoothing)  # the calibrated factors are kept
+    fresh = fast_sampler.SmoothInt8Linear(policy.model.get_submodule(name), smoothing)
+    assert torch.equal(layer.weight_codes_t, fresh.weight_codes_t)  # the updated weights, re-quantised
+    assert not torch.equal(layer.weight_codes_t, codes)

@@ -31,8 +31,9 @@ class Rollout:
     samples_per_prompt: int  # K
     sampled_from_policy: bool = True  # True when the sampling distribution is the policy's own (temperature 1, no top-k/p)
     # which copy of the policy drew the completions: 'exact' (the policy itself, possibly tempered/truncated), a
-    # reduced-precision proposal q ('int8', 'fp16', 'bf16'; tilt.engine.fast_sampler), or 'autocast' (the policy's own
-    # weights decoded under autocast, docs/runs.md "Precision"); recipes weight a proposal's samples by pi/q
+    # reduced-precision proposal q ('int8', 'int8-smooth', 'fp16', 'bf16'; tilt.engine.fast_sampler), or 'autocast'
+    # (the policy's own weights decoded under autocast, docs/runs.md "Precision"); recipes weight a proposal's
+    # samples by pi/q
     sampler: str = "exact"
     sampler_refresh_seconds: float = 0.0  # seconds spent bringing the sampler copy up to date before this draw
 
