@@ -222,7 +222,7 @@ def input_channel_maxima(model: nn.Module, input_ids: Tensor, attention_mask: Te
     def record(name):
         def hook(module, inputs):
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
-            x = x[real] if x.shape[0] == real.shape[0] else x  # the LM head may see the last position only
+            x = x[real] if x.shape[0] == real.shape[0] else x  # the LM head sees the last position only
             m = x.float().abs().amax(dim=0)
             maxima[name] = torch.maximum(maxima[name], m) if name in maxima else m
         return hook
@@ -230,7 +230,7 @@ def input_channel_maxima(model: nn.Module, input_ids: Tensor, attention_mask: Te
     handles = [model.get_submodule(name).register_forward_pre_hook(record(name)) for name in _linear_names(model)]
     try:
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        model(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=positions)
+        model(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=positions, logits_to_keep=1)  # no (P, Tp, V) logits
     finally:
         for h in handles:
             h.remove()
