@@ -96,9 +96,14 @@ def init(timeout_s: float | None = None, backend: str | None = None) -> bool:
 
 
 def shutdown() -> None:
-    """Leave the process group, if any."""
+    """Leave the process group, if any, once every rank has come this far: a rank that tore its group down while
+    another still held the connections aborted at exit ("terminate called without an active exception", gloo, seen
+    once under load). If the barrier fails (a peer died), the group is still destroyed and the error raised."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def rank() -> int:
