@@ -81,7 +81,7 @@ class KLRLConfig:
     kl_horizon: float = field(default=10000.0, metadata={"help": "controller horizon: gain = sequences per step / horizon; 10000 as in Ziegler et al.'s code and TRL"})
     kl_budget: float = field(default=0.0, metadata={"help": "stop once a step's KL(pi || pi_ref) estimate exceeds this many nats (docs/kl_rl.md says which checkpoint to keep); 0 = no budget"})
     importance_weighting: str = field(default="truncated", metadata={"help": (
-        "weights pi/q of samples drawn by a fast sampler q (sampling.sampler int8/fp16/bf16): 'truncated' (min(w, importance_cap); "
+        "weights pi/q of samples drawn by a fast sampler q (sampling.sampler int8/int8-smooth/fp16/bf16): 'truncated' (min(w, importance_cap); "
         "Yao et al. 2025), 'self-normalised' (within a prompt's samples) or 'none' (biased; for comparison); tilt.math.mismatch")})
     importance_cap: float = field(default=2.0, metadata={"help": "cap of the truncated weights; 2 as in Yao et al. 2025 and TRL's vllm_importance_sampling_cap"})
 
