@@ -295,12 +295,11 @@ class FastSampler:
         smoothing factors when it is built (``input_channel_maxima``); ignored otherwise."""
         start = time.perf_counter()
         with torch.no_grad():
-            if self.copy is None and self.kind == "int8-smooth":
-                if calibration is None:
-                    raise ValueError("an int8-smooth sampler is built from a calibration batch: pass calibration=(ids, mask)")
-                self.copy = build_int8_copy(model, self.kind, input_channel_maxima(model, *calibration))
-            elif self.copy is None:
-                self.copy = copy.deepcopy(model).to(torch.bfloat16).eval() if self.kind == "bf16" else build_int8_copy(model, self.kind)
+            if self.copy is None and self.kind == "bf16":
+                self.copy = copy.deepcopy(model).to(torch.bfloat16).eval()
+            elif self.copy is None:  # build_int8_copy refuses an int8-smooth copy without its calibration
+                maxima = input_channel_maxima(model, *calibration) if self.kind == "int8-smooth" and calibration is not None else None
+                self.copy = build_int8_copy(model, self.kind, maxima)
             elif self.kind == "int8-smooth":
                 for name in _linear_names(model):
                     self.copy.get_submodule(name).set_weights(model.get_submodule(name))
