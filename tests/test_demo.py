@@ -16,14 +16,21 @@ def test_demo_prompts_ship_with_the_package():
     assert len(prompts) == 32 and len(set(prompts)) == 32 and all(p.strip() for p in prompts)
 
 
-@pytest.mark.slow
-def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
+@pytest.fixture
+def tiny_folder(tmp_path):
+    """A tiny GPT-2 and its character tokenizer, saved as a from_pretrained folder."""
     folder = tmp_path / "tiny"
     tok = char_tokenizer()
     tiny_gpt2(len(tok)).save_pretrained(folder)
     tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_a_tiny_model(tiny_folder, tmp_path, capsys):
+    folder = tiny_folder
     run = tmp_path / "run"
-    assert main(["demo", "--model", str(folder), "--steps", "2", "--run-dir", str(run), "--eval-samples", "2", "--evals", "2"]) == 0
+    assert main(["demo", "--model", str(folder), "--steps", "2", "--run-dir", str(run), "--eval-samples", "2", "--eval-every", "1"]) == 0
     out = capsys.readouterr().out
     for text in ("mean reward", "KL(pi || pi_ref)", "win rate against pi_ref", "before (", "after  (", "Report:"):
         assert text in out, text
@@ -48,6 +55,27 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, capsys):
             assert math.isnan(e["efficiency"])
 
 
+@pytest.mark.slow
+def test_the_demo_stops_at_its_time_budget_and_evaluates_the_policy_it_stopped_at(tiny_folder, tmp_path, capsys):
+    folder = tiny_folder
+    run = tmp_path / "run"
+    # a budget that has run out after the first step: no evaluation is due (every 3 steps), yet step 1 is evaluated
+    assert main(["demo", "--model", str(folder), "--steps", "5", "--eval-every", "3", "--minutes", "1e-9", "--run-dir", str(run),
+                 "--eval-samples", "2", "--eval-prompts", "2", "--frontier-samples", "2"]) == 0
+    out = capsys.readouterr().out
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert [json.loads(line)["step"] for line in (run / "evals.jsonl").read_text().splitlines()] == [1]
+    assert "training stopped after step 1: the 1e-09-minute budget had run out" in out and "after 1 steps" in out
+
+
+def test_demo_evaluation_schedule():
+    d = DemoConfig(steps=25, eval_every=10)
+    assert [s for s in range(1, 26) if d.evaluates_at(s, out_of_time=False)] == [10, 20, 25]
+    assert d.evaluates_at(3, out_of_time=True)
+    with pytest.raises(ValueError, match="minutes >= 0"):
+        DemoConfig(minutes=-1)
+
+
 def test_the_shipped_frontier_is_the_held_out_openings_and_used_only_where_it_applies():
     shipped = Frontier.load(SHIPPED_FRONTIER)
     meta = shipped.data["meta"]
@@ -63,13 +91,10 @@ def test_the_shipped_frontier_is_the_held_out_openings_and_used_only_where_it_ap
     assert not uses_shipped_frontier(DemoConfig(eval_prompts=meta["prompts"] + 1), "embedded", "", ("sentiment",))
 
 
-def test_a_frontier_of_other_openings_is_refused_before_anything_is_written(tmp_path, capsys):
+def test_a_frontier_of_other_openings_is_refused_before_anything_is_written(tiny_folder, tmp_path, capsys):
     from tilt.frontier import FrontierConfig, frontier_from_rewards
 
-    folder = tmp_path / "tiny"
-    tok = char_tokenizer()
-    tiny_gpt2(len(tok)).save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = tiny_folder
     held_out = task_prompts("heldout")[:4]
     rewards = torch.arange(32.0).reshape(4, 8)
     other = [held_out[0], "a different opening", *held_out[2:]]

@@ -38,6 +38,10 @@ class OverBudget(Exception):
     """Raised from the step hook to stop training once the KL estimate exceeds the budget."""
 
 
+class OutOfTime(Exception):
+    """Raised from the step hook to stop training once the time budget has run out (after that step's evaluation)."""
+
+
 def _ci(m: dict, key: str) -> str:
     low, high = m[f"{key}_ci"]
     return f"{m[key]:.3f}  [{low:.3f}, {high:.3f}]"
@@ -122,16 +126,18 @@ def demo(config: dict, sections: dict, run_dir: Path, signals, log) -> dict | in
                               samples_per_prompt=d.samples_per_prompt, lr=d.lr, seed=d.seed)
     out = runs.create_run(run_dir, config)
     frontier.save(out / "frontier.json")
-    eval_steps = d.eval_steps()
+    budget = f", or when {d.minutes:g} minutes have passed" if d.minutes > 0 else ""
     print(f"[2/4] training at most {d.steps} steps of KL-regularised RL (beta {d.beta}, lr {d.lr:g}), {d.prompts_per_step} x "
           f"{d.samples_per_prompt} completions per step from {len(train_prompts)} training openings\n      evaluated on "
-          f"{len(held_out)} held-out openings at steps {', '.join(map(str, eval_steps))}; training stops early if the KL "
-          f"estimate exceeds the budget of {d.kl_budget:g} nats", file=log, flush=True)
+          f"{len(held_out)} held-out openings every {d.eval_every} steps; training stops early if the KL "
+          f"estimate exceeds the budget of {d.kl_budget:g} nats{budget}", file=log, flush=True)
     trajectory: list[tuple[int, dict]] = []  # (step, evaluation metrics)
     latest: dict = {}
+    started = time.perf_counter()
 
     def evaluate_at(done: int) -> None:
-        if done not in eval_steps:
+        out_of_time = d.minutes > 0 and time.perf_counter() - started > 60 * d.minutes
+        if not d.evaluates_at(done, out_of_time):
             return
         metrics, draws = evaluate_on_frontier(frontier, policy, ref, reward, samples_per_prompt=d.eval_samples,
                                               seed=derive_seed(d.seed, "demo-eval", done))
@@ -145,10 +151,12 @@ def demo(config: dict, sections: dict, run_dir: Path, signals, log) -> dict | in
         # the newest policy within the budget is the one the demo keeps
         latest.update(metrics=metrics, draws=draws, step=done,
                       state={k: v.detach().clone() for k, v in policy.model.state_dict().items()})
+        if out_of_time and done < d.steps:
+            raise OutOfTime(done)
 
     optimizer = build_optimizer(recipe.optimizer, [p for p in policy.parameters() if p.requires_grad], recipe.lr)
     loop = RunLoop("demo", out, steps=d.steps, start=0, signals=signals, save=None, checkpoint_every=0,
-                   shown=("reward", "kl_ref"), passthrough=(OverBudget,))
+                   shown=("reward", "kl_ref"), passthrough=(OverBudget, OutOfTime))
     stopped = ""
     try:
         code = loop.run(lambda on_step: kl_rl.train(recipe, policy, ref, reward, train_prompts, optimizer=optimizer,
@@ -158,10 +166,12 @@ def demo(config: dict, sections: dict, run_dir: Path, signals, log) -> dict | in
     except OverBudget as over:
         if "state" not in latest:
             raise ValueError(f"the first evaluation (step {over.args[0]}) is already over the KL budget of {d.kl_budget} "
-                             "nats: raise --kl_budget or --beta, lower --lr, or evaluate earlier (--evals)") from None
+                             "nats: raise --kl_budget or --beta, lower --lr, or evaluate earlier (--eval_every)") from None
         policy.model.load_state_dict(latest["state"])
         stopped = (f" (at step {over.args[0]} the KL estimate exceeded the {d.kl_budget:g}-nat budget: "
                    f"kept the policy of step {latest['step']})")
+    except OutOfTime as late:
+        stopped = f" (training stopped after step {late.args[0]}: the {d.minutes:g}-minute budget had run out)"
     m, draws, last_step = latest["metrics"], latest["draws"], latest["step"]
     ref_rewards = torch.tensor(frontier.data["ref_rewards"], dtype=torch.float64)
     ref_mean = bootstrap_mean(ref_rewards, generator=torch.Generator().manual_seed(derive_seed(d.seed, "demo-ref")), num_resamples=500)

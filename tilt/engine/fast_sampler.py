@@ -159,12 +159,19 @@ def set_fp16_weights(packed: nn.Module, linear: nn.Linear) -> None:
     packed.set_weight_bias(linear.weight.detach().float(), linear.bias.detach().float() if linear.bias is not None else None)
 
 
+def quantise_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 codes of each row of ``x`` (N, D) with its own scale: ``(codes (N, D) int8, scales (N, 1))``,
+    x ~ codes * scales, scale = max |row| / 127."""
+    row_max = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)  # (N, 1)
+    return (x * (127.0 / row_max)).round_().to(torch.int8), row_max / 127.0  # |x| * 127 / max rounds to at most 127
+
+
 def set_int8_weights(quantised: nn.Module, linear: nn.Linear) -> None:
-    """Re-quantise ``linear``'s current weights into ``quantised`` (scale = max |w| / 127.5 per output row)."""
+    """Re-quantise ``linear``'s current weights into ``quantised`` (``quantise_rows``: scale = max |w| / 127 per output
+    row)."""
     w = linear.weight.detach().float()  # (out, in)
-    scales = (w.abs().amax(dim=1) / 127.5).clamp(min=1e-12)  # (out,)
-    codes = torch.round(w / scales[:, None]).clamp_(-128, 127).to(torch.int8)  # half the time of quantize_per_channel
-    q = torch._make_per_channel_quantized_tensor(codes, scales.double(), torch.zeros(w.shape[0], dtype=torch.long), 0)
+    codes, scales = quantise_rows(w)  # half the time of quantize_per_channel
+    q = torch._make_per_channel_quantized_tensor(codes, scales.squeeze(-1).double(), torch.zeros(w.shape[0], dtype=torch.long), 0)
     bias = linear.bias.detach().float() if linear.bias is not None else None
     quantised.set_weight_bias(q, bias)
 
@@ -176,13 +183,6 @@ def smoothing_factors(input_abs_max: Tensor, weight: Tensor, *, alpha: float = S
     x_max = input_abs_max.float().clamp(min=1e-5)
     w_max = weight.detach().float().abs().amax(dim=0).clamp(min=1e-5)  # (in,)
     return (x_max.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
-
-
-def quantise_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 codes of each row of ``x`` (N, D) with its own scale: ``(codes (N, D) int8, scales (N, 1))``,
-    x ~ codes * scales, scale = max |row| / 127."""
-    row_max = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)  # (N, 1)
-    return (x * (127.0 / row_max)).round_().to(torch.int8), row_max / 127.0  # |x| * 127 / max rounds to at most 127
 
 
 class SmoothInt8Linear(nn.Module):
