@@ -83,7 +83,7 @@ def parse(argv=None):
     p.add_argument("--samples-per-prompt", type=int, default=4)
     p.add_argument("--lr", type=float, default=None, help="default: the method's own (DEFAULT_LR)")
     p.add_argument("--beta", type=float, default=None, help="default: the method's own (DEFAULT_BETA)")
-    p.add_argument("--calibration-samples", type=int, default=16, help="ctrl, vbon: m reference samples per training prompt (default 16)")
+    p.add_argument("--calibration-samples", type=int, default=16, help="ctrl, vbon, and bond/bonbon/apo/qrpo where they calibrate: m reference samples per training prompt (default 16)")
     p.add_argument("--best-of", type=int, default=8, help="bc-bon, vbon, bond, bonbon: N of best-of-N (default 8)")
     p.add_argument("--stop-kl", type=float, default=2.4, help="stop once a held-out KL estimate passes this (default 2.4)")
     p.add_argument("--max-minutes", type=float, default=15.0, help="stop training after this wall time (default 15)")
@@ -165,7 +165,8 @@ def run_method(args, frontier, policy, ref, reward_fn, train_prompts, on_step, n
         recipe = importlib.import_module(f"tilt.recipes.{args.method}")
         cls = {"bond": "BONDConfig", "bonbon": "BoNBoNConfig", "apo": "APOConfig", "qrpo": "QRPOConfig"}[args.method]
         names = {f.name for f in dataclasses.fields(getattr(recipe, cls))}
-        given = {**common, "samples_per_prompt": args.samples_per_prompt, "n": args.best_of, "beta": beta}
+        given = {**common, "samples_per_prompt": args.samples_per_prompt, "n": args.best_of, "beta": beta,
+                 "calibration_samples": args.calibration_samples}
         config = getattr(recipe, cls)(**{k: v for k, v in given.items() if k in names and v is not None})
         note(dataclasses.asdict(config))
         recipe.train(config, policy, ref, reward_fn, train_prompts, on_step=hook)
