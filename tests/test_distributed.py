@@ -14,6 +14,7 @@ process), made once by a fixture:
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -106,13 +107,28 @@ def launch(out: Path, *jobs: str, timeout: float = 120) -> subprocess.CompletedP
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def launch_completed(out: Path, job: str, folder: Path, tries: int = 3) -> subprocess.CompletedProcess:
+    """Launch one job that should succeed, again from the same starting folder when gloo aborted the launch at exit
+    (seen once in CI, after every output of the run was written; not reproduced in 26 launches of that job here, quiet or under load). An abort that
+    comes back every time still fails the test, as does any other failure."""
+    start = folder.with_name(folder.name + "-before")
+    shutil.copytree(folder, start)
+    for _ in range(tries):
+        result = launch(out, job)
+        if "(SIGABRT)" not in result.stderr:
+            break
+        shutil.rmtree(folder)
+        shutil.copytree(start, folder)
+    return result
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     others = [f"other:{recipe}" for recipe in worker.OTHER]
     results = {"first": launch(out, "kl_rl:ddp", "dpo:ddp", "kl_rl:fsdp", *others, "kl_rl:ddp:crash2", timeout=400)}
     results["second"] = launch(out, "kl_rl:ddp:resume", "kl_rl:fsdp:crash2")
-    results["third"] = launch(out, "kl_rl:fsdp:resume")
+    results["third"] = launch_completed(out, "kl_rl:fsdp:resume", folder=out / "kl_rl-fsdp-restarted")
     for _ in range(3):
         results["errors"] = launch(out, "errors")
         if "(SIGABRT)" not in results["errors"].stderr:

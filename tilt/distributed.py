@@ -30,6 +30,7 @@ What a recipe does under several processes (docs/distributed.md):
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -98,12 +99,18 @@ def init(timeout_s: float | None = None, backend: str | None = None) -> bool:
 def shutdown() -> None:
     """Leave the process group, if any, once every rank has come this far: a rank that tore its group down while
     another still held the connections aborted at exit ("terminate called without an active exception", gloo, seen
-    once under load). If the barrier fails (a peer died), the group is still destroyed and the error raised."""
+    once under load). If the barrier fails (a peer died), the group is still destroyed and the error raised.
+
+    Modules that hold the group (FSDP2's state, DDP's reducer) often sit in reference cycles that only the garbage
+    collector frees; left to the interpreter's finalisation, the group's worker threads are joined while Python is
+    being torn down, the other way gloo has aborted at exit. So they are collected here, while Python is whole."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         try:
             dist.barrier()
         finally:
             dist.destroy_process_group()
+            gc.collect()
 
 
 def rank() -> int:
