@@ -1,7 +1,7 @@
 """One step of online DPO: tilt (``tilt.recipes.online_dpo``, scheme ``online-dpo``) against TRL's online DPO
 trainer (``trl.experimental.online_dpo``), on the same model, prompts, reward (the preferred response of a
 pair is the one with the higher reward), pairs per step, completion length, beta, optimizer (AdamW, no
-weight decay, no clipping) and learning rate.
+weight decay, no clipping; each side's default kernel, fused on both) and learning rate.
 
 Each side runs in its own process, alternating (tilt, TRL, tilt, TRL, ...); the report has the same columns
 as ``rl_step.py``. Not a test: the verdict is the printed ratio.
@@ -37,6 +37,7 @@ def run_tilt(args, folder: str) -> dict:
     from tilt.engine.hf import HFPolicy, SamplingConfig
     from tilt.preferences import RewardComparison
     from tilt.recipes.online_dpo import OnlineDPOConfig, train
+    from tilt.recipes.common import build_optimizer
 
     model, tokenizer = load(args.model, folder)
     ref_model, _ = load(args.model, folder)
@@ -46,7 +47,7 @@ def run_tilt(args, folder: str) -> dict:
     policy, ref = HFPolicy(model, tokenizer, sampling), HFPolicy(ref_model, tokenizer, sampling)
     config = OnlineDPOConfig(scheme="online-dpo", alpha=0.0, beta=args.beta, steps=args.steps, prompts_per_step=args.prompts_per_step,
                              lr=args.lr, seed=args.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = build_optimizer("adamw", model.parameters(), args.lr)  # tilt's default: fused AdamW, no weight decay
     stamps, rewards = [time.perf_counter()], []
     def on_step(step, metrics):
         stamps.append(time.perf_counter())
@@ -84,7 +85,7 @@ def run_trl(args, folder: str) -> dict:
         config = OnlineDPOConfig(
             output_dir=out, per_device_train_batch_size=args.prompts_per_step, max_new_tokens=args.completion_length,
             learning_rate=args.lr, beta=args.beta, max_steps=args.steps, logging_steps=1, save_strategy="no", report_to=[],
-            use_cpu=True, seed=args.seed, optim="adamw_torch", weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant",
+            use_cpu=True, seed=args.seed, weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant",
             warmup_steps=0, disable_tqdm=True, dataloader_num_workers=0, temperature=1.0, top_p=1.0, top_k=0,
         )
         dataset = Dataset.from_dict({"prompt": common.PROMPTS * 8})

@@ -1,6 +1,6 @@
 """One online step of KL-regularised RL with a leave-one-out baseline: tilt (``tilt.recipes.kl_rl``) against
 TRL's ``RLOOTrainer``, on the same model, prompts, reward, completions per prompt, completion length,
-optimizer (AdamW, no weight decay, no clipping) and learning rate.
+optimizer (AdamW, no weight decay, no clipping; each side's default kernel, fused on both) and learning rate.
 
 Each side runs in its own process, the two alternating (tilt, TRL, tilt, TRL, ...), and reports seconds per
 step (median over the steps after the first), the reward of its last steps, its peak resident memory, the
@@ -52,6 +52,7 @@ def run_tilt(args, folder: str) -> dict:
 
     from tilt.engine.hf import HFPolicy, SamplingConfig
     from tilt.recipes.kl_rl import KLRLConfig, train
+    from tilt.recipes.common import build_optimizer
 
     model, tokenizer = load(args.model, folder)
     ref_model, _ = load(args.model, folder)
@@ -65,7 +66,7 @@ def run_tilt(args, folder: str) -> dict:
     samplers = {"kind": policy.sampler_kind, "reason": policy.sampler_reason, "compute": str(compute).removeprefix("torch.")}
     config = KLRLConfig(beta=args.beta, steps=args.steps, prompts_per_step=args.prompts_per_step,
                         samples_per_prompt=args.completions_per_prompt, lr=args.lr, seed=args.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = build_optimizer("adamw", model.parameters(), args.lr)  # tilt's default: fused AdamW, no weight decay
     stamps, rewards, lengths, logged = [time.perf_counter()], [], [], []
     reward_fn = common.REWARDS[args.reward]
 
@@ -107,7 +108,7 @@ def run_trl(args, folder: str) -> dict:
             output_dir=out, per_device_train_batch_size=args.prompts_per_step * args.completions_per_prompt,
             num_generations=args.completions_per_prompt, max_completion_length=args.completion_length,
             learning_rate=args.lr, beta=args.beta, max_steps=args.steps, logging_steps=1, save_strategy="no",
-            report_to=[], use_cpu=True, seed=args.seed, optim="adamw_torch", weight_decay=0.0, max_grad_norm=0.0,
+            report_to=[], use_cpu=True, seed=args.seed, weight_decay=0.0, max_grad_norm=0.0,
             lr_scheduler_type="constant", warmup_steps=0, disable_tqdm=True, dataloader_num_workers=0,
             temperature=1.0, top_p=1.0, top_k=0,
         )
@@ -123,7 +124,8 @@ def run_trl(args, folder: str) -> dict:
         n_params = sum(p.numel() for p in trainer.model.parameters())
     return {"step_times": [b - a for a, b in zip(stamps, stamps[1:])], "rewards": rewards, "completion_length": lengths,
             "n_params": n_params, "trl_version": trl.__version__, "bf16": bool(config.bf16),
-            "gradient_checkpointing": bool(config.gradient_checkpointing)}
+            "gradient_checkpointing": bool(config.gradient_checkpointing),
+            "optim": str(getattr(config.optim, "value", config.optim))}
 
 
 def child(args) -> None:
@@ -174,7 +176,7 @@ def main():
             results[side].append(res)
             times = res["step_times"][1:]
             used = (f" (sampler {res['sampler']['kind']}: {res['sampler']['reason']}; compute {res['sampler']['compute']})" if "sampler" in res
-                    else f" (its defaults: bf16 {res.get('bf16')}, gradient checkpointing {res.get('gradient_checkpointing')})")
+                    else f" (its defaults: bf16 {res.get('bf16')}, gradient checkpointing {res.get('gradient_checkpointing')}, optimizer {res.get('optim')})")
             print(f"round {r} {side:>10}{used}: {common.median(times):.3f} s/step (median of {len(times)}), final reward "
                   f"{res['rewards'][-1]:.3f}, peak RSS {res['peak_rss_mb']:.0f} MB, matmul {res['matmul_gflops']:.0f} GFLOP/s, "
                   f"load {res['load'][0]:.2f}-{res['load'][1]:.2f}", flush=True)

@@ -207,3 +207,40 @@ def test_smooth_int8_copy_is_calibrated_once_and_requantised_at_refresh(tokenize
     fresh = fast_sampler.SmoothInt8Linear(policy.model.get_submodule(name), smoothing)
     assert torch.equal(layer.weight_codes_t, fresh.weight_codes_t)  # the updated weights, re-quantised
     assert not torch.equal(layer.weight_codes_t, codes)
+
+
+def test_a_fused_optimizer_step_makes_the_copy_stale():
+    """torch's fused AdamW writes the weights without bumping their version counters; the sampler's hook bumps
+    them, so the copy is rebuilt after a fused step as after any other (and not after a step that moved nothing)."""
+    model = nn.Linear(4, 3)
+    fast_sampler.FastSampler(model, "fp16")  # installs the hook
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    before = fast_sampler.weights_version(model)
+    optimizer.step()  # no gradients: nothing written
+    assert fast_sampler.weights_version(model) == before
+    model(torch.ones(2, 4)).sum().backward()
+    weights = model.weight.detach().clone()
+    optimizer.step()
+    assert not torch.equal(model.weight, weights)
+    assert fast_sampler.weights_version(model) != before
+
+
+def test_build_optimizer_adamw_is_fused_and_matches_the_per_tensor_update():
+    from tilt.recipes.common import build_optimizer
+
+    torch.manual_seed(0)
+    models = [nn.Linear(5, 3), nn.Linear(5, 3)]
+    models[1].load_state_dict(models[0].state_dict())
+    initial = models[0].weight.detach().clone()
+    optimizers = [build_optimizer("adamw", models[0].parameters(), 1e-2),
+                  torch.optim.AdamW(models[1].parameters(), lr=1e-2, weight_decay=0.0, foreach=False)]
+    assert optimizers[0].defaults["fused"] is True
+    x = torch.randn(8, 5)
+    for _ in range(3):
+        for model, optimizer in zip(models, optimizers):
+            optimizer.zero_grad()
+            (model(x) ** 2).sum().backward()
+            optimizer.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (models[0].weight - initial).abs().min() > 1e-3  # every weight moved: three steps of about lr each

@@ -39,7 +39,8 @@ Kinds (``SamplingConfig.sampler``):
   above), ``bf16`` on a CUDA device that supports it, else ``exact``.
 
 Refresh: the copy is rebuilt from the policy's weights at a ``sample`` call once they have changed, detected by
-the parameters' in-place version counters (an optimizer step bumps them), never while they stand still. Its
+the parameters' in-place version counters (an optimizer step bumps them; torch's fused optimizers do not, so a
+hook bumps them after every fused step: ``count_fused_optimizer_writes``), never while they stand still. Its
 cost is kept in ``last_refresh_seconds`` (the recipes log it as ``sampler/refresh_seconds``). When:
 ``refresh_steps`` = N >= 1 refreshes after every N-th optimizer step (1: after each); 0 (the default) refreshes
 once the time spent sampling with the copy since its last refresh reaches ``1 / REFRESH_BUDGET - 1`` times the
@@ -59,6 +60,8 @@ from functools import lru_cache
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import increment_version
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 SAMPLERS = ("exact", "int8", "int8-smooth", "fp16", "bf16", "auto")
 REDUCED = ("int8", "int8-smooth", "fp16", "bf16")
@@ -270,6 +273,20 @@ def weights_version(model: nn.Module) -> tuple[int, ...]:
     return tuple(p._version for p in model.parameters())
 
 
+def bump_versions_after_fused_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Optimizer step post-hook: a fused step (``fused=True``) writes the parameters in one kernel without bumping
+    their version counters, unlike the per-tensor and foreach paths; bump those of the parameters it updated."""
+    if optimizer.defaults.get("fused", False):  # torch's own defaults dict: only some optimizers have the key
+        increment_version([p for group in optimizer.param_groups for p in group["params"] if p.grad is not None])
+
+
+@lru_cache(maxsize=1)
+def count_fused_optimizer_writes() -> None:
+    """Install ``bump_versions_after_fused_step`` for every optimizer of the process, once: a fast sampler sees the
+    weights change through their version counters whichever optimizer the user hands a recipe."""
+    register_optimizer_step_post_hook(bump_versions_after_fused_step)
+
+
 class FastSampler:
     """The reduced-precision copy of a policy's model that samples for it. ``kind`` is 'int8', 'int8-smooth', 'fp16' or 'bf16' (resolved:
     see ``resolve_sampler``). ``model_for_sampling(policy_model)`` refreshes the copy if the weights have changed
@@ -280,6 +297,7 @@ class FastSampler:
             raise ValueError(f"a fast sampler is one of {REDUCED}, got {kind!r}")
         if refresh_steps < 0:
             raise ValueError(f"refresh_steps must be >= 0 (0 = by cost), got {refresh_steps}")
+        count_fused_optimizer_writes()
         self.kind, self.refresh_steps = kind, refresh_steps
         self.copy: nn.Module | None = None
         self.version: tuple[int, ...] | None = None  # the weights the copy was made from

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,13 +49,23 @@ def step_prompt_seeds(seed: int, step: int, positions) -> list[int]:
 
 
 def build_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
-    """``adamw`` (torch defaults, no weight decay) or ``sgd`` (plain)."""
+    """``adamw`` (torch defaults, no weight decay) or ``sgd`` (plain).
+
+    AdamW runs torch's fused kernel where every parameter is a floating tensor on the CPU or a CUDA device: the
+    same update as the per-tensor loop (to float rounding), one kernel instead of a dozen tensor operations per
+    parameter. On the embedded 135M model that is 0.07 s a step instead of 0.50 s (one thread), a third of a
+    KL-RL step. The transformers Trainer (and so TRL) defaults to the fused kernel too."""
     params = [p for p in params if p.requires_grad]
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused_adam_applies(params))
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr)
     raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {name!r}")
+
+
+def fused_adam_applies(params: Sequence[torch.Tensor]) -> bool:
+    """Whether torch's fused Adam kernel takes these parameters: floating point, on the CPU or CUDA."""
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int = 0) -> float:
