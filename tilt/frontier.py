@@ -305,10 +305,12 @@ def plot_frontier(frontier: Frontier, path: str | Path, *, runs: Mapping[str, Se
     interval), best-of-N and the reward tilt as lines, the region past ``reach_kl`` shaded, and each run of
     ``runs`` ({label: [evaluation metrics, ...]} with ``kl_ref``, ``win_rate`` and optionally their ``_ci``, in
     training order) as a line of points with error bars. matplotlib is imported here only."""
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # no pyplot: no global state, no display needed
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5))
+    many = len(runs or {}) > 4  # a sweep: the legend goes beside the axes, the runs take 20 distinct colours
+    fig = Figure(figsize=(10, 5) if many else (7, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     kl = frontier.kl
@@ -328,14 +330,18 @@ def plot_frontier(frontier: Frontier, path: str | Path, *, runs: Mapping[str, Se
         err = None
         if all("win_rate_ci" in e for e in evals):
             err = [[w - e["win_rate_ci"][0] for w, e in zip(wr, evals)], [e["win_rate_ci"][1] - w for w, e in zip(wr, evals)]]
-        ax.errorbar(xs, wr, yerr=err, marker="o", ms=4, capsize=2, label=label, color=f"C{(i + 3) % 10}")
+        colour = matplotlib.colormaps["tab20"](i % 20) if many else f"C{(i + 3) % 10}"
+        ax.errorbar(xs, wr, yerr=err, marker="o", ms=4, capsize=2, label=label, color=colour)
     ax.axhline(0.5, color="black", lw=0.5)
     ax.set_xlabel("KL(pi || pi_ref), nats")
     ax.set_ylabel("win rate against pi_ref")
     ax.set_ylim(0.45, 1.0)
     ax.set_xlim(0, max(kl))
     ax.set_title(title or f"KL–win-rate frontier ({frontier.data['meta']['prompts']} prompts)")
-    ax.legend(fontsize=8, loc="lower right")
+    if many:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
