@@ -109,8 +109,8 @@ def launch(out: Path, *jobs: str, timeout: float = 120) -> subprocess.CompletedP
 
 def launch_completed(out: Path, job: str, folder: Path, tries: int = 3) -> subprocess.CompletedProcess:
     """Launch one job that should succeed, again from the same starting folder when gloo aborted the launch at exit
-    (seen once in CI, after every output of the run was written; not reproduced in 26 launches of that job here, quiet or under load). An abort that
-    comes back every time still fails the test, as does any other failure."""
+    (seen once in CI, after every output of the run was written; not reproduced in 26 launches of that job, quiet or
+    under load). An abort that comes back every time still fails the test, as does any other failure."""
     start = folder.with_name(folder.name + "-before")
     shutil.copytree(folder, start)
     for _ in range(tries):
