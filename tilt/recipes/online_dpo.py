@@ -148,13 +148,16 @@ def collect_pairs(config: OnlineDPOConfig, policy: Policy, ref: Policy, oracle: 
     gets in one process."""
     if first_pair:
         torch.rand(first_pair, generator=label_generator, dtype=torch.float64)  # the draws of the ranks before this one
-    both = None
     if config.scheme == "online-dpo":
         both = policy.sample(prompts, 2, prompt_seeds=prompt_seeds)  # (2P,) grouped: rows 2p, 2p + 1 are prompt p's
         a, b = both.take(slice(0, None, 2)), both.take(slice(1, None, 2))  # (P,) each
+        ref_both = masked_sum(ref.token_logprobs(both), both.completion_mask)  # (2P,) one pass: larger products than two of P
+        ref_a, ref_b = ref_both[0::2], ref_both[1::2]
     else:
         a = policy.sample(prompts, 1, prompt_seeds=prompt_seeds)
         b = ref.sample(prompts, 1, prompt_seeds=[derive_seed(s, "reference") for s in prompt_seeds])
+        ref_a = masked_sum(ref.token_logprobs(a), a.completion_mask)
+        ref_b = masked_sum(ref.token_logprobs(b), b.completion_mask)
     rewards_a = rewards_b = None
     if isinstance(oracle, BradleyTerry):  # the same labels, with the latent rewards they were drawn from
         labels, rewards_a, rewards_b = oracle.labels_and_rewards(a.prompts, a.completions, b.completions, generator=label_generator)
@@ -162,12 +165,6 @@ def collect_pairs(config: OnlineDPOConfig, policy: Policy, ref: Policy, oracle: 
         labels = oracle(a.prompts, a.completions, b.completions, generator=label_generator).to(torch.float64)
     if labels.shape != (len(a),):
         raise ValueError(f"the oracle returned shape {tuple(labels.shape)} for {len(a)} pairs; it must return one label per pair")
-    if both is not None:  # one reference pass over the 2P rows: a larger batch per matrix product than two of P
-        ref_both = masked_sum(ref.token_logprobs(both), both.completion_mask)  # (2P,)
-        ref_a, ref_b = ref_both[0::2], ref_both[1::2]
-    else:
-        ref_a = masked_sum(ref.token_logprobs(a), a.completion_mask)
-        ref_b = masked_sum(ref.token_logprobs(b), b.completion_mask)
     log_weight = None
     if a.from_proposal or b.from_proposal:  # pi_t's (and pi_ref's) log-probs now, so stored pairs keep pi_t / q_t
         pi_a = masked_sum(policy.token_logprobs(a), a.completion_mask) if a.from_proposal else a.sample_seq_logprobs
