@@ -63,7 +63,7 @@ def test_file_then_flags_then_defaults_and_bare_names():
                                       "--reward", "regex:b", "--reward", "length:chars"])
     config = cfg.resolve("kl-rl", file, flags)
     assert config["kl_rl"]["beta"] == 0.25 and config["kl_rl"]["steps"] == 7 and config["kl_rl"]["samples_per_prompt"] == 4
-    assert config["sampling"] == {"max_new_tokens": 9, "temperature": 1.0, "top_k": 5, "top_p": 1.0, "sampler": "exact",
+    assert config["sampling"] == {"max_new_tokens": 9, "temperature": 1.0, "top_k": 5, "top_p": 1.0, "sampler": "auto",
                                   "sampler_refresh_steps": 0}
     assert config["data"]["max_prompt_tokens"] is None and config["run"]["ref"] == "m"  # ref defaults to model
     assert config["run"]["reward"] == ["regex:b", "length:chars"]  # --reward A --reward B keeps both

@@ -244,3 +244,31 @@ def test_build_optimizer_adamw_is_fused_and_matches_the_per_tensor_update():
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert (models[0].weight - initial).abs().min() > 1e-3  # every weight moved: three steps of about lr each
+
+
+def test_consumers_that_need_the_models_law_decode_with_the_model_itself(tokenizer):
+    """``exact=True`` bypasses the configured copy: evaluation, best-of-N and calibration then get the model's own
+    samples (of_the_model, the same tokens as a policy configured ``exact`` draws from the same seeds), and the copy
+    is never built for them; a training rollout (``exact=False``) still comes from the copy."""
+    from tilt.bon import best_of_n
+    from tilt.evaluation import draw_scored
+    from tilt.infalign import build_calibration
+
+    reward = lambda prompts, completions: torch.tensor([float(c.count("a")) for c in completions])  # noqa: E731
+    fast, plain = policy_with(tokenizer, "fp16"), policy_with(tokenizer, "exact")
+    own = fast.sample(PROMPTS, 3, prompt_seeds=[1, 2], exact=True)
+    assert own.sampled_from_policy and own.sampler == "exact" and fast.fast_sampler.copy is None
+    assert torch.equal(own.completion_ids, plain.sample(PROMPTS, 3, prompt_seeds=[1, 2]).completion_ids)
+    draws = draw_scored(fast, PROMPTS, 2, reward, generator=torch.Generator().manual_seed(0))  # raised on proposal samples before
+    assert draws.rewards.shape == (2, 2)
+    assert best_of_n(fast, PROMPTS, 4, reward, generator=torch.Generator().manual_seed(0)).rollout.sampled_from_policy
+    build_calibration(fast, reward, PROMPTS, 3, seed=0)
+    assert fast.fast_sampler.copy is None  # none of them built the copy
+    proposal = fast.sample(PROMPTS, 3, prompt_seeds=[1, 2])
+    assert proposal.sampler == "fp16" and proposal.from_proposal and not proposal.sampled_from_policy
+
+
+def test_auto_is_the_default_and_resolves_to_exact_on_a_tiny_model(tokenizer):
+    assert SamplingConfig().sampler == "auto"
+    policy = HFPolicy(tiny_llama(len(tokenizer), seed=0), tokenizer, SamplingConfig(max_new_tokens=4))
+    assert policy.sampler_kind == "exact" and policy.fast_sampler is None

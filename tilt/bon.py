@@ -44,7 +44,7 @@ class Selection:
 def _sample_and_pick(policy: Policy, prompts: Sequence[Any], n: int, reward_fn: RewardFn, generator: torch.Generator, pick) -> Selection:
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    rollout = policy.sample(list(prompts), n, generator=generator)
+    rollout = policy.sample(list(prompts), n, generator=generator, exact=True)
     all_rewards = score_rewards(reward_fn, rollout.prompts, rollout.completions).view(-1, n)  # (P, N)
     index = pick(all_rewards)  # (P,)
     flat = torch.arange(all_rewards.shape[0]) * n + index  # (P,) position in the rollout
@@ -90,8 +90,8 @@ def evaluate_win_rates(
     Each win rate comes with ``*_low`` and ``*_high``. Draws groups * n samples per prompt from each policy.
     """
     k = groups * n
-    rollout = policy.sample(list(prompts), k, generator=generator)
-    ref_rollout = ref.sample(list(prompts), k, generator=generator)
+    rollout = policy.sample(list(prompts), k, generator=generator, exact=True)
+    ref_rollout = ref.sample(list(prompts), k, generator=generator, exact=True)
     rewards = score_rewards(reward_fn, rollout.prompts, rollout.completions).view(-1, k)  # (P, k)
     ref_rewards = score_rewards(reward_fn, ref_rollout.prompts, ref_rollout.completions).view(-1, k)  # (P, k)
     log_ratio = masked_sum(policy.token_logprobs(rollout) - ref.token_logprobs(rollout), rollout.completion_mask)  # (P*k,)

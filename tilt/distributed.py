@@ -348,9 +348,9 @@ class ShardedPolicy:
     def model(self):
         return self.policy.model
 
-    def sample(self, prompts, samples_per_prompt, *, generator=None, prompt_seeds=None):
+    def sample(self, prompts, samples_per_prompt, *, generator=None, prompt_seeds=None, exact=False):
         with gathered(self.policy.model):
-            return self.policy.sample(prompts, samples_per_prompt, generator=generator, prompt_seeds=prompt_seeds)
+            return self.policy.sample(prompts, samples_per_prompt, generator=generator, prompt_seeds=prompt_seeds, exact=exact)
 
     def token_logprobs(self, rollout):
         return self.policy.token_logprobs(rollout)

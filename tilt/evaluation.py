@@ -155,7 +155,7 @@ def draw_scored(policy: Policy, prompts: Sequence[Any], k: int, reward_fn: Rewar
         rows = range(start, start + len(chunk))
         for s0 in range(0, k, per_call):
             m = min(per_call, k - s0)
-            rollout = policy.sample(chunk, m, generator=generator)
+            rollout = policy.sample(chunk, m, generator=generator, exact=True)
             if not rollout.of_the_model:
                 raise ValueError("evaluation needs samples of the policy itself: sample at temperature 1 without top-k/top-p "
                                  "(a tempered or truncated sampler is another distribution, and the KL would not be the policy's)")

@@ -276,7 +276,7 @@ def build_calibration(
         done = 0
         while done < samples_per_prompt:
             k = min(per_call, samples_per_prompt - done)
-            rollout = ref.sample(chunk, k, generator=generator)
+            rollout = ref.sample(chunk, k, generator=generator, exact=True)
             parts.append(score_rewards(reward_fn, rollout.prompts, rollout.completions).view(len(chunk), k))
             done += k
         rows.append(torch.cat(parts, dim=1))

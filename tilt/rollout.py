@@ -91,10 +91,13 @@ class Policy(Protocol):
     """A policy tilt can train or use as a reference."""
 
     def sample(self, prompts: Sequence[Any], samples_per_prompt: int, *, generator: torch.Generator | None = None,
-               prompt_seeds: Sequence[int] | None = None) -> Rollout:
+               prompt_seeds: Sequence[int] | None = None, exact: bool = False) -> Rollout:
         """Draw ``samples_per_prompt`` completions of each prompt, grouped by prompt. No gradient. Randomness comes
         from ``generator``, or, when ``prompt_seeds`` (one int per prompt) is given, from one generator per prompt,
-        so that a prompt's completions do not depend on the rest of the batch."""
+        so that a prompt's completions do not depend on the rest of the batch. ``exact``: decode with the model
+        itself even where a faster proposal (a fast sampler) is configured; the callers that need the model's own
+        law and do not weight by pi/q (evaluation, best-of-N, calibration) pass True. A policy with one law only
+        ignores it."""
         ...
 
     def token_logprobs(self, rollout: Rollout) -> Tensor:

@@ -435,7 +435,7 @@ def _sample_plain(policy, chunks, n, reward_fn, g, report) -> list[dict]:
     report["n"] = n
     rows = []
     for chunk in chunks:
-        rollout = policy.sample(chunk, n, generator=g)
+        rollout = policy.sample(chunk, n, generator=g, exact=True)
         rewards = score_rewards(reward_fn, rollout.prompts, rollout.completions).tolist() if reward_fn else None
         for i, (x, y) in enumerate(zip(rollout.prompts, rollout.completions)):
             rows.append({"prompt": x, "completion": y, **({"reward": rewards[i]} if rewards is not None else {})})

@@ -38,13 +38,13 @@ class SamplingConfig:
     temperature: float = field(default=1.0, metadata={"help": "1.0 samples the policy itself; other values sample a tempered policy"})
     top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens; 0 = off (exact sampling)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass; 1.0 = off (exact sampling)"})
-    sampler: str = field(default="exact", metadata={"help": (
-        "which copy of the model draws the completions: 'exact' (the model itself; the default, because evaluation, "
-        "sampling and the posterior samplers need the model's own law and this one setting serves them, docs/engine.md), "
-        "'int8' (linear layers int8, CPU), 'int8-smooth' (int8 per token after SmoothQuant smoothing, CPU: 4/5 of int8's "
-        "speed, a far closer proposal), 'fp16' (linear weights packed as float16, CPU), 'bf16' (a bfloat16 copy), or "
-        "'auto' (fp16 on CPU, bf16 on a GPU with bfloat16, where the model is large enough; else exact; "
-        "tilt.engine.fast_sampler). Recipes weight a reduced-precision sampler's samples by pi/q")})
+    sampler: str = field(default="auto", metadata={"help": (
+        "which copy of the model draws the training rollouts: 'auto' (the default: fp16 on a CPU with fbgemm, bf16 on a "
+        "GPU with bfloat16, where the model is large enough to gain; else exact; tilt.engine.fast_sampler), 'exact' (the "
+        "model itself), 'int8' (linear layers int8, CPU), 'int8-smooth' (int8 per token after SmoothQuant smoothing, CPU: "
+        "4/5 of int8's speed, a far closer proposal), 'fp16' (linear weights packed as float16, CPU) or 'bf16' (a bfloat16 "
+        "copy). Only the recipes that weight their samples by pi/q (KL-RL, PPO, DPG, online DPO/XPO) sample from the copy; "
+        "evaluation, best-of-N, calibration, BOND, BoNBoN, APO, QRPO and tilt sample always decode with the model itself")})
     sampler_refresh_steps: int = field(default=0, metadata={"help": (
         "refresh the fast sampler's copy after every N-th optimizer step; 0 = when refreshing costs at most 20% of the "
         "time spent sampling (a stale copy is still corrected exactly by pi/q; tilt.engine.fast_sampler)")})
@@ -148,7 +148,7 @@ class HFPolicy:
     # --- sampling --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], samples_per_prompt: int, *, generator: torch.Generator | None = None,
-               prompt_seeds: Sequence[int] | None = None) -> Rollout:
+               prompt_seeds: Sequence[int] | None = None, exact: bool = False) -> Rollout:
         """``samples_per_prompt`` completions of each prompt, with a KV cache; one forward pass per new token.
 
         Randomness: one uniform per (sample, position), drawn up front from ``generator``, or per prompt from
@@ -161,14 +161,18 @@ class HFPolicy:
         a quarter of the running batch has ended, the ended sequences are dropped from it, so they cost no
         further forward passes. Rows that ended but are still in the batch keep drawing tokens, which the
         EOS mask discards at the end.
+
+        ``exact``: decode with the model itself (under autocast where ``compute_dtype`` is set), not with the fast
+        sampler's copy, for the consumers that need the model's own law (``tilt.rollout.Policy.sample``).
         """
         k = samples_per_prompt
         # the model that decodes: the policy itself, or its reduced-precision copy q (refreshed if the weights changed)
         started = time.perf_counter()
         distinct_ids, distinct_mask = self.encode_prompts(prompts)  # (P, Tp)
-        refreshes = self.fast_sampler.refreshes if self.fast_sampler is not None else 0
-        decoder = self.model if self.fast_sampler is None else self.fast_sampler.model_for_sampling(self.model, (distinct_ids, distinct_mask))
-        refreshed = self.fast_sampler is not None and self.fast_sampler.refreshes > refreshes
+        copy = self.fast_sampler if not exact else None  # the reduced-precision copy decodes, or the model itself
+        refreshes = copy.refreshes if copy is not None else 0
+        decoder = self.model if copy is None else copy.model_for_sampling(self.model, (distinct_ids, distinct_mask))
+        refreshed = copy is not None and copy.refreshes > refreshes
         prompt_ids = distinct_ids.repeat_interleave(k, 0)  # (B, Tp)
         prompt_mask = distinct_mask.repeat_interleave(k, 0)
         uniforms = sampling_uniforms(len(prompts), k, self.sampling.max_new_tokens, generator=generator, prompt_seeds=prompt_seeds).to(self.device)  # (B, T)
@@ -179,8 +183,8 @@ class HFPolicy:
         completion_mask, truncated = completion_mask_from_eos(raw_ids, eos)  # (B, T)
         completion_ids = raw_ids.masked_fill(~completion_mask, self.pad_id)
         sample_token_logprobs = raw_logps.masked_fill(~completion_mask, 0.0)
-        if self.fast_sampler is not None:
-            self.fast_sampler.record_sampling(time.perf_counter() - started - (self.fast_sampler.last_refresh_seconds if refreshed else 0.0))
+        if copy is not None:
+            copy.record_sampling(time.perf_counter() - started - (copy.last_refresh_seconds if refreshed else 0.0))
         return Rollout(
             prompts=[p for p in prompts for _ in range(samples_per_prompt)],
             completions=self.decode(completion_ids, completion_mask),
@@ -191,9 +195,9 @@ class HFPolicy:
             truncated=truncated,
             sample_token_logprobs=sample_token_logprobs,
             samples_per_prompt=samples_per_prompt,
-            sampled_from_policy=self.sampling.exact and self.fast_sampler is None and not autocast_decode,
-            sampler="autocast" if autocast_decode and self.sampling.exact else self.sampler_kind,
-            sampler_refresh_seconds=self.fast_sampler.last_refresh_seconds if refreshed else 0.0,
+            sampled_from_policy=self.sampling.exact and copy is None and not autocast_decode,
+            sampler="autocast" if autocast_decode and self.sampling.exact else (self.sampler_kind if copy is not None else "exact"),
+            sampler_refresh_seconds=copy.last_refresh_seconds if refreshed else 0.0,
         )
 
     def _generate(self, distinct_ids: Tensor, distinct_mask: Tensor, k: int, uniforms: Tensor, *,

@@ -116,11 +116,11 @@ class AdapterDisabledReference:
 
     @torch.no_grad()
     def sample(self, prompts: Sequence, samples_per_prompt: int, *, generator: torch.Generator | None = None,
-               prompt_seeds: Sequence[int] | None = None) -> Rollout:
-        """Samples of the base model; the same randomness arguments as ``HFPolicy.sample``."""
+               prompt_seeds: Sequence[int] | None = None, exact: bool = False) -> Rollout:
+        """Samples of the base model; the same arguments as ``HFPolicy.sample``."""
         seeds = {} if prompt_seeds is None else {"prompt_seeds": prompt_seeds}
         with self.policy.model.disable_adapter():
-            return self.policy.sample(prompts, samples_per_prompt, generator=generator, **seeds)
+            return self.policy.sample(prompts, samples_per_prompt, generator=generator, exact=exact, **seeds)
 
     @torch.no_grad()
     def token_logprobs(self, rollout: Rollout) -> Tensor:

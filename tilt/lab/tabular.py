@@ -71,8 +71,9 @@ class TabularPolicy(nn.Module):
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[int], samples_per_prompt: int, *, generator: torch.Generator | None = None,
-               prompt_seeds: Sequence[int] | None = None) -> Rollout:
-        """Inverse-CDF sampling from uniforms drawn from ``generator``, or per prompt from ``prompt_seeds``."""
+               prompt_seeds: Sequence[int] | None = None, exact: bool = False) -> Rollout:
+        """Inverse-CDF sampling from uniforms drawn from ``generator``, or per prompt from ``prompt_seeds``. Always the
+        table's own law (``exact`` changes nothing)."""
         uniforms = sampling_uniforms(len(prompts), samples_per_prompt, self.length, generator=generator, prompt_seeds=prompt_seeds)
         contexts = torch.tensor(list(prompts), dtype=torch.long).repeat_interleave(samples_per_prompt)  # (B,)
         b = contexts.shape[0]

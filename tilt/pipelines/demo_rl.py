@@ -409,7 +409,7 @@ def _stage_preferences(config: DemoRLHFConfig, run: Path, prompts: Sequence[str]
     pairs, ties, identical = [], 0, 0
     for s in range(0, len(chosen_prompts), 32):
         chunk = chosen_prompts[s:s + 32]
-        rollout = clone.sample(chunk, 2, generator=sampler)  # (2 * len(chunk),): a prompt's two samples are adjacent
+        rollout = clone.sample(chunk, 2, generator=sampler, exact=True)  # (2 * len(chunk),): a prompt's two samples are adjacent
         a, b = rollout.completions[0::2], rollout.completions[1::2]
         labels = oracle(chunk, a, b, generator=labeller)  # (n,) 1 = A preferred, 0 = B, 0.5 = tie
         for prompt, ya, yb, label in zip(chunk, a, b, labels.tolist()):

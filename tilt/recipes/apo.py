@@ -191,7 +191,7 @@ def train(
     optimizer = optimizer or build_optimizer(config.optimizer, policy.parameters(), config.lr)
     for step in range(start_step, config.steps):
         batch, seeds = step_batch(config, optimizer, prompts, step)
-        rollout = policy.sample(batch, config.samples_per_prompt, prompt_seeds=seeds)
+        rollout = policy.sample(batch, config.samples_per_prompt, prompt_seeds=seeds, exact=True)  # kl_ref below reads them as pi's
         rewards = score_rewards(reward_fn, rollout.prompts, rollout.completions)  # (B,)
         metrics = regression_step(policy, ref, rollout, rewards, values(rollout.prompts), optimizer, beta=config.beta,
                                   micro_batch_size=config.micro_batch_size, max_grad_norm=config.max_grad_norm)

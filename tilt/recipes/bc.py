@@ -91,9 +91,10 @@ class FlooredPolicy:
         logp = floored_token_logprobs(self.policy.token_logprobs(rollout), floor=self.floor, vocab=self.vocab)
         return torch.where(rollout.completion_mask, logp, 0.0)  # (B, T), 0 off-mask as the protocol says
 
-    def sample(self, prompts: Sequence[Any], samples_per_prompt: int, *, generator: torch.Generator) -> Rollout:
-        rollout = self.policy.sample(prompts, samples_per_prompt, generator=generator)
-        return dataclasses.replace(rollout, sampled_from_policy=self.floor == 0)
+    def sample(self, prompts: Sequence[Any], samples_per_prompt: int, *, generator: torch.Generator, exact: bool = False) -> Rollout:
+        rollout = self.policy.sample(prompts, samples_per_prompt, generator=generator, exact=exact)
+        # the floored law is another distribution than the clone's samples follow, unless the floor is 0
+        return dataclasses.replace(rollout, sampled_from_policy=rollout.sampled_from_policy and self.floor == 0)
 
     def parameters(self):
         return self.policy.parameters()

@@ -72,7 +72,7 @@ def num_steps(config: BoNBoNConfig) -> int:
 def best_worst_pairs(ref: Policy, reward_fn: RewardFn, prompts: Sequence[Any], n: int, prompt_seeds: Sequence[int]) -> tuple[Rollout, torch.Tensor]:
     """N reference completions of each of P prompts; returns the 2P sequences [best of each prompt..., worst of each
     prompt...] as one rollout, and their raw rewards (2P,)."""
-    rollout = ref.sample(list(prompts), n, prompt_seeds=prompt_seeds)
+    rollout = ref.sample(list(prompts), n, prompt_seeds=prompt_seeds, exact=True)
     rewards = score_rewards(reward_fn, rollout.prompts, rollout.completions).view(-1, n)  # (P, N)
     offsets = torch.arange(rewards.shape[0]) * n
     rows = torch.cat([offsets + best_of_n_index(rewards), offsets + worst_of_n_index(rewards)])  # (2P,)

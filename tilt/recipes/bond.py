@@ -90,11 +90,11 @@ def bond_step(config: BONDConfig, policy: Policy, ref: Policy, reward: BestOfNRe
     samples). Returns the step's metrics (docs/bon_distillation.md)."""
     w, k, p = config.jeffreys_weight, config.samples_per_prompt, len(prompts)
     with torch.no_grad():  # forward part's data: best of N reference samples per prompt
-        ref_rollout = ref.sample(list(prompts), config.n, prompt_seeds=ref_seeds)
+        ref_rollout = ref.sample(list(prompts), config.n, prompt_seeds=ref_seeds, exact=True)
         ref_raw = score_rewards(reward.raw, ref_rollout.prompts, ref_rollout.completions).view(p, config.n)  # (P, N)
         best_rows = torch.arange(p) * config.n + best_of_n_index(ref_raw)
         best = ref_rollout.take(best_rows)
-        rollout = policy.sample(list(prompts), k, prompt_seeds=prompt_seeds)  # backward part: on-policy samples
+        rollout = policy.sample(list(prompts), k, prompt_seeds=prompt_seeds, exact=True)  # backward part: on-policy samples
         bon_rewards = reward(rollout.prompts, rollout.completions)  # (B,) R_N
         mask = rollout.completion_mask
         old_seq = rollout.sample_seq_logprobs if rollout.sampled_from_policy else masked_sum(score_tokens(policy, rollout, 0), mask)

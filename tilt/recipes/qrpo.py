@@ -109,7 +109,7 @@ def train(
     optimizer = optimizer or build_optimizer(config.optimizer, policy.parameters(), config.lr)
     for step in range(start_step, config.steps):
         batch, seeds = step_batch(config, optimizer, prompts, step)
-        rollout = sampler.sample(batch, config.samples_per_prompt, prompt_seeds=seeds)
+        rollout = sampler.sample(batch, config.samples_per_prompt, prompt_seeds=seeds, exact=True)  # kl_ref below reads them as pi's
         raw = score_rewards(reward_fn, rollout.prompts, rollout.completions)  # (B,)
         below, at = cdf(rollout.prompts, raw)
         quantiles = quantile_reward(below, at, beta=config.beta)  # (B,)

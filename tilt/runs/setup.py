@@ -173,7 +173,7 @@ def draw_samples(policy, reward_fn, prompts: Sequence[Any], count: int, seed: in
     from tilt.rewards import score_rewards
 
     chosen = list(prompts[:count])
-    rollout = policy.sample(chosen, 1, generator=step_generator(seed, step, "samples"))
+    rollout = policy.sample(chosen, 1, generator=step_generator(seed, step, "samples"), exact=True)
     rewards = score_rewards(reward_fn, rollout.prompts, rollout.completions)
     return [{"step": step, "prompt": p, "completion": c, "reward": float(r)}
             for p, c, r in zip(rollout.prompts, rollout.completions, rewards.tolist())]
