@@ -34,7 +34,14 @@ Methods (tilt's recipes called directly, not through the command line):
   ``qrpo``, each with its config's own defaults except steps, prompts per step, samples per prompt, N and seed;
 * ``trl-rloo``, ``trl-grpo``: TRL's trainers with their documented defaults except precision (bf16 only where the
   CPU has native bfloat16, as tilt's ``auto``) and gradient checkpointing (off, as in tilt); they need the benchmark
-  venv (``make bench`` builds .venv-bench) and run there.
+  venv (``make bench`` builds .venv-bench) and run there;
+* ``merge``: no training. The runs named by ``--of`` (made with ``--keep-weights``, which saves OUT/NAME.safetensors)
+  are averaged and interpolated toward the initial model, theta_ref + lam (mean_m theta_m - theta_ref), and each lam
+  of ``--scales`` is evaluated like a training step (``tilt.math.merging``: model soups, WiSE-FT, WARP)::
+
+    python benchmarks/frontier.py --method kl-rl --tag s0 --seed 0 --keep-weights ...
+    python benchmarks/frontier.py --method kl-rl --tag s1 --seed 1 --keep-weights ...
+    python benchmarks/frontier.py --method merge --tag s0s1 --of kl-rl.s0 kl-rl.s1 --scales 0 0.5 1 1.5 ...
 """
 from __future__ import annotations
 
@@ -49,7 +56,8 @@ from pathlib import Path
 
 import torch
 
-METHODS = ("kl-rl", "ppo", "ctrl", "dpg", "online-dpo", "bc-bon", "vbon", "bond", "bonbon", "apo", "qrpo", "trl-rloo", "trl-grpo")
+METHODS = ("kl-rl", "ppo", "ctrl", "dpg", "online-dpo", "bc-bon", "vbon", "bond", "bonbon", "apo", "qrpo", "trl-rloo", "trl-grpo",
+           "merge")
 TARGET_KLS = (0.5, 1.0, 2.0)
 DEFAULT_LR = {"kl-rl": 1e-5, "ppo": 1e-5, "ctrl": 1e-5, "dpg": 1.41e-5, "online-dpo": 5e-7, "bc-bon": 2e-5, "vbon": 1e-5,
               "bond": None, "bonbon": None, "apo": None, "qrpo": None, "trl-rloo": 1e-6, "trl-grpo": 1e-6}
@@ -96,11 +104,31 @@ def parse(argv=None):
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"),
                    help="tilt's compute dtype (float32 weights, forward passes under autocast: docs/runs.md, 'Precision'); the "
                         "reference computes the same way. float32 (default) is what the shipped frontier's reference samples used")
+    p.add_argument("--keep-weights", action="store_true", help="save the trained weights at the end as OUT/NAME.safetensors "
+                   "(full fine-tuning only), for --method merge")
+    p.add_argument("--of", nargs="+", default=[], metavar="NAME", help="merge: the runs (their NAME, as in OUT/NAME.json) whose "
+                   "kept weights are averaged (tilt.math.merging)")
+    p.add_argument("--coefficients", nargs="+", type=float, default=None, metavar="C",
+                   help="merge: c_m of theta_ref + lam sum_m c_m (theta_m - theta_ref), one per --of run (default 1/M each: the "
+                        "average; 0.5 -0.5 is two runs' half-difference, the part of their movement they do not share)")
+    p.add_argument("--scales", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5],
+                   help="merge: the lam of theta_ref + lam (mean theta_m - theta_ref) to evaluate, ascending (default 0 to 1.5)")
+    p.add_argument("--sampler", default="exact", choices=("exact", "auto", "fp16", "int8-smooth", "bf16"),
+                   help="SamplingConfig.sampler of the trained policy (default exact: the sampler every run in docs/frontier.md "
+                        "used; evaluations decode with the model itself whatever this says)")
     p.add_argument("--tag", default="", help="a variant's name: the run is saved as OUT/METHOD.TAG.json, so that several settings "
                                              "of one method sit side by side in --table")
     args = p.parse_args(argv)
     if not args.table and not args.method:
         p.error("give --method METHOD (or --table)")
+    if args.method == "merge" and not args.of:
+        p.error("--method merge needs --of NAME [NAME ...]: runs made with --keep-weights")
+    if args.method == "merge" and args.coefficients is not None and len(args.coefficients) != len(args.of):
+        p.error(f"--coefficients takes one value per --of run: {len(args.coefficients)} for {len(args.of)}")
+    if args.method == "merge" and sorted(args.scales) != args.scales:
+        p.error(f"--scales must be ascending, got {args.scales}")
+    if args.keep_weights and args.lora:
+        p.error("--keep-weights saves full fine-tuned weights; it does not take --lora")
     return args
 
 
@@ -279,6 +307,49 @@ def run_trl(args, policy, reward_fn, train_prompts, on_step, lr: float, beta: fl
         trainer.train()
 
 
+def save_weights(model, path: Path) -> Path:
+    """The model's weights as safetensors (shared tensors, such as tied embeddings, stored once), written atomically."""
+    from safetensors.torch import save_model
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_model(model, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def merge_and_evaluate(args, out: Path, policy, ref, record: dict, evaluate_now, train_seconds: list) -> None:
+    """``--method merge``: combine the task vectors of the runs ``--of`` (their kept weights; the average unless
+    ``--coefficients``), then evaluate theta_ref + lam sum_m c_m (theta_m - theta_ref) at each of ``--scales``
+    (``tilt.math.merging``). Each evaluation's
+    ``step`` is the index of its scale; ``seconds`` is the runs' training time added up."""
+    from safetensors.torch import load_model
+
+    from tilt.math.merging import interpolate_task_vectors, task_vector_cosine
+
+    ref_state = {k: v.detach().clone() for k, v in ref.model.state_dict().items()}
+    states, seconds = [], 0.0
+    for name in args.of:
+        rec_path, weights = out / f"{name}.json", out / f"{name}.safetensors"
+        if not weights.exists() or not rec_path.exists():
+            raise SystemExit(f"merge: {weights} or {rec_path} is missing; run that method with --keep-weights and --out {out}")
+        source = json.loads(rec_path.read_text())
+        if not source.get("done"):
+            raise SystemExit(f"merge: {rec_path} is unfinished; finish that run first")
+        load_model(policy.model, str(weights))
+        states.append({k: v.detach().clone() for k, v in policy.model.state_dict().items()})
+        seconds += source.get("train_seconds", math.nan)
+    cosines = [task_vector_cosine(ref_state, states[i], states[j]) for i in range(len(states)) for j in range(i + 1, len(states))]
+    record["config"] = {"of": list(args.of), "coefficients": args.coefficients, "scales": list(args.scales), "task_vector_cosines": cosines}
+    if cosines:
+        print(f"  [merge] cosines of the runs' task vectors: {', '.join(f'{c:.3f}' for c in cosines)}", flush=True)
+    train_seconds[0] = seconds
+    for i, lam in enumerate(args.scales):
+        with torch.no_grad():
+            policy.model.load_state_dict(interpolate_task_vectors(ref_state, states, lam, coefficients=args.coefficients))
+        evaluate_now(i)
+        record["evals"][-1]["scale"] = lam
+
+
 def run(args) -> int:
     from tilt.engine.hf import HFPolicy, SamplingConfig
     from tilt.engine.loading import load_model_and_tokenizer
@@ -297,7 +368,7 @@ def run(args) -> int:
     max_new = frontier.data["meta"].get("max_new_tokens")
     if max_new is None:
         raise SystemExit(f"{args.frontier} does not say its max_new_tokens; rebuild it with `tilt frontier`")
-    sampling = SamplingConfig(max_new_tokens=max_new)
+    sampling = SamplingConfig(max_new_tokens=max_new, sampler=args.sampler)
     model, tokenizer = load_model_and_tokenizer(args.model)
     from tilt.runs.setup import pick_dtype
 
@@ -340,12 +411,17 @@ def run(args) -> int:
             raise Stop
         last[0] = time.perf_counter()
 
-    evaluate_now(0)
-    last[0] = time.perf_counter()
-    try:
-        run_method(args, frontier, policy, ref, reward_fn, train_prompts, on_step, lambda config: record.update(config=config))
-    except Stop:
-        pass
+    if args.method == "merge":
+        merge_and_evaluate(args, out, policy, ref, record, evaluate_now, train_seconds)
+    else:
+        evaluate_now(0)
+        last[0] = time.perf_counter()
+        try:
+            run_method(args, frontier, policy, ref, reward_fn, train_prompts, on_step, lambda config: record.update(config=config))
+        except Stop:
+            pass
+        if args.keep_weights:
+            record["weights"] = str(save_weights(policy.model, out / f"{name}.safetensors"))
     record["read_off"] = {str(kl): read_off(record["evals"], kl, frontier) for kl in TARGET_KLS}
     record.update(done=True, train_seconds=train_seconds[0], wall_seconds=time.perf_counter() - start)
     write_atomic(path, record)

@@ -258,6 +258,42 @@ def test_benchmark_variants_sit_side_by_side(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_benchmark_merges_kept_runs_and_walks_toward_the_reference(tmp_path, capsys):
+    """--keep-weights saves each run; --method merge evaluates theta_ref + lam (mean theta_m - theta_ref): lam 0 is the
+    reference itself (KL 0), lam 1 of one run that run's final policy; the merge's training time is its runs'."""
+    from safetensors.torch import load_file
+
+    bench, argv = tiny_benchmark(tmp_path, "kl-rl")
+    runs = tmp_path / "runs"
+    for seed in ("0", "1"):
+        assert bench.main(argv + ["--tag", f"s{seed}", "--seed", seed, "--keep-weights"]) == 0
+    s0 = json.loads((runs / "kl-rl.s0.json").read_text())
+    assert s0["weights"] == str(runs / "kl-rl.s0.safetensors") and load_file(s0["weights"])
+    base = argv[argv.index("--frontier"):argv.index("--steps")]  # frontier, out, model, reward
+    assert bench.main(["--method", "merge", "--tag", "one", "--of", "kl-rl.s0", "--scales", "0", "1", *base,
+                       "--eval-samples", "2"]) == 0
+    one = json.loads((runs / "merge.one.json").read_text())
+    assert [e["scale"] for e in one["evals"]] == [0.0, 1.0] and one["evals"][0]["kl_ref"] == 0.0
+    assert one["evals"][1]["kl_ref"] > 0 and one["train_seconds"] == pytest.approx(s0["train_seconds"])
+    assert bench.main(["--method", "merge", "--tag", "both", "--of", "kl-rl.s0", "kl-rl.s1", "--scales", "0", "0.5", "1", *base,
+                       "--eval-samples", "2"]) == 0
+    both = json.loads((runs / "merge.both.json").read_text())
+    assert len(both["config"]["task_vector_cosines"]) == 1 and -1 <= both["config"]["task_vector_cosines"][0] < 1
+    assert both["evals"][2]["kl_ref"] > 0 and both["done"]
+    assert bench.main(["--method", "merge", "--tag", "diff", "--of", "kl-rl.s0", "kl-rl.s1", "--coefficients", "0.5", "-0.5",
+                       "--scales", "0", "1", *base, "--eval-samples", "2"]) == 0
+    diff = json.loads((runs / "merge.diff.json").read_text())
+    assert diff["config"]["coefficients"] == [0.5, -0.5] and diff["evals"][1]["kl_ref"] != both["evals"][2]["kl_ref"]
+    with pytest.raises(SystemExit):  # one coefficient per run
+        bench.parse(["--method", "merge", "--of", "kl-rl.s0", "kl-rl.s1", "--coefficients", "1", *base])
+    capsys.readouterr()
+    assert bench.main(["--table", "--frontier", base[1], "--out", str(runs)]) == 0
+    assert capsys.readouterr().out.count("merge.both ") == 4
+    with pytest.raises(SystemExit, match="keep-weights"):
+        bench.main(["--method", "merge", "--tag", "x", "--of", "kl-rl.missing", *base])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["vbon", "bond", "bonbon", "apo", "qrpo"])
 def test_benchmark_runs_the_best_of_n_and_regression_methods(tmp_path, method):
     """Each method of docs/bon_distillation.md and docs/apo.md trains through the benchmark and moves off pi_ref."""

@@ -130,7 +130,9 @@ def demo(config: dict, sections: dict, run_dir: Path, signals, log) -> dict | in
     print(f"[2/4] training at most {d.steps} steps of KL-regularised RL (beta {d.beta}, lr {d.lr:g}), {d.prompts_per_step} x "
           f"{d.samples_per_prompt} completions per step from {len(train_prompts)} training openings\n      evaluated on "
           f"{len(held_out)} held-out openings every {d.eval_every} steps; training stops early if the KL "
-          f"estimate exceeds the budget of {d.kl_budget:g} nats{budget}", file=log, flush=True)
+          f"estimate exceeds the budget of {d.kl_budget:g} nats{budget}\n      training rollouts drawn by the "
+          f"{policy.sampler_kind!r} sampler ({policy.sampler_reason}){', weighted by pi/q' if policy.sampler_kind != 'exact' else ''}; "
+          "evaluations sample the policy itself", file=log, flush=True)
     trajectory: list[tuple[int, dict]] = []  # (step, evaluation metrics)
     latest: dict = {}
     started = time.perf_counter()
