@@ -106,6 +106,15 @@ def test_auto_and_fallbacks(tokenizer, monkeypatch):
     monkeypatch.setattr(fast_sampler, "AUTO_MIN_LINEAR_PARAMS", 0)
     expected = "fp16" if fast_sampler.int8_is_available(torch.device("cpu")) else ("bf16" if fast_sampler.bf16_is_fast(torch.device("cpu")) else "exact")
     assert fast_sampler.resolve_sampler("auto", model)[0] == expected
+    # a model that already decodes under half-precision autocast keeps its own decode; an explicit choice still holds
+    for half in (torch.bfloat16, torch.float16):
+        assert fast_sampler.resolve_sampler("auto", model, half) == ("exact", f"the model itself already decodes in {str(half)[6:]} under autocast")
+    assert fast_sampler.resolve_sampler("auto", model, torch.float32)[0] == expected
+    if fast_sampler.int8_is_available(torch.device("cpu")):
+        assert fast_sampler.resolve_sampler("fp16", model, torch.bfloat16)[0] == "fp16"
+    monkeypatch.setattr(fast_sampler, "AUTO_MIN_LINEAR_PARAMS", 0)
+    policy = HFPolicy(model, tokenizer, SamplingConfig(max_new_tokens=4), compute_dtype=torch.bfloat16)
+    assert policy.sampler_kind == "exact" and policy.fast_sampler is None
     # where int8 kernels are missing (a CUDA device), int8 falls back to bf16 if native, else to exact, with a warning
     monkeypatch.setattr(fast_sampler, "int8_is_available", lambda device: False)
     for native, fallback in ((True, "bf16"), (False, "exact")):

@@ -39,8 +39,9 @@ class SamplingConfig:
     top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens; 0 = off (exact sampling)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass; 1.0 = off (exact sampling)"})
     sampler: str = field(default="auto", metadata={"help": (
-        "which copy of the model draws the training rollouts: 'auto' (the default: fp16 on a CPU with fbgemm, bf16 on a "
-        "GPU with bfloat16, where the model is large enough to gain; else exact; tilt.engine.fast_sampler), 'exact' (the "
+        "which copy of the model draws the training rollouts: 'auto' (the default: exact where the run decodes under "
+        "bfloat16/float16 autocast or the model is small, else fp16 on a CPU with fbgemm, bf16 on a GPU with bfloat16; "
+        "tilt.engine.fast_sampler), 'exact' (the "
         "model itself), 'int8' (linear layers int8, CPU), 'int8-smooth' (int8 per token after SmoothQuant smoothing, CPU: "
         "4/5 of int8's speed, a far closer proposal), 'fp16' (linear weights packed as float16, CPU) or 'bf16' (a bfloat16 "
         "copy). Only the recipes that weight their samples by pi/q (KL-RL, PPO, DPG, online DPO/XPO) sample from the copy; "
@@ -116,7 +117,7 @@ class HFPolicy:
         self.eos_ids = eos_token_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.eos_ids[0]
-        self.sampler_kind, self.sampler_reason = resolve_sampler(sampling.sampler, model)  # 'exact', 'int8', 'int8-smooth', 'fp16' or 'bf16'
+        self.sampler_kind, self.sampler_reason = resolve_sampler(sampling.sampler, model, self.compute_dtype)  # 'exact', 'int8', 'int8-smooth', 'fp16' or 'bf16'
         self.fast_sampler = FastSampler(model, self.sampler_kind, sampling.sampler_refresh_steps) if self.sampler_kind != "exact" else None
 
     def parameters(self):
