@@ -112,7 +112,7 @@ def parse(argv=None):
                    help="merge: c_m of theta_ref + lam sum_m c_m (theta_m - theta_ref), one per --of run (default 1/M each: the "
                         "average; 0.5 -0.5 is two runs' half-difference, the part of their movement they do not share)")
     p.add_argument("--scales", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5],
-                   help="merge: the lam of theta_ref + lam (mean theta_m - theta_ref) to evaluate, ascending (default 0 to 1.5)")
+                   help="merge: the lam of theta_ref + lam sum_m c_m (theta_m - theta_ref) to evaluate, ascending (default 0 to 1.5)")
     p.add_argument("--sampler", default="exact", choices=("exact", "auto", "fp16", "int8-smooth", "bf16"),
                    help="SamplingConfig.sampler of the trained policy (default exact: the sampler every run in docs/frontier.md "
                         "used; evaluations decode with the model itself whatever this says)")
@@ -320,8 +320,8 @@ def save_weights(model, path: Path) -> Path:
 def merge_and_evaluate(args, out: Path, policy, ref, record: dict, evaluate_now, train_seconds: list) -> None:
     """``--method merge``: combine the task vectors of the runs ``--of`` (their kept weights; the average unless
     ``--coefficients``), then evaluate theta_ref + lam sum_m c_m (theta_m - theta_ref) at each of ``--scales``
-    (``tilt.math.merging``). Each evaluation's
-    ``step`` is the index of its scale; ``seconds`` is the runs' training time added up."""
+    (``tilt.math.merging``). Each evaluation's ``step`` is the index of its scale; ``seconds`` is the runs' training
+    time added up."""
     from safetensors.torch import load_model
 
     from tilt.math.merging import interpolate_task_vectors, task_vector_cosine

@@ -36,7 +36,8 @@ Kinds (``SamplingConfig.sampler``):
   model's linear layers hold fewer than ``AUTO_MIN_LINEAR_PARAMS`` parameters (small models are bound by
   per-layer overhead, not by reading weights, so a copy would add work and save none), carry LoRA adapters, or
   decode under bfloat16/float16 autocast already (the run's compute dtype: the model's own decode then reads half
-  the bytes, and the fp16 copy made the demo's steps slower, 7.5-8 s against 5-6 s on an AVX-512 BF16 CPU);
+  the bytes; in two demos from a fresh clone on an AVX-512 BF16 CPU the fp16 copy's steps took 7.5-8 s against
+  7.2 s for the model's own bfloat16 decode);
   else ``fp16`` on a CPU with a quantised engine (int8 is faster but its proposal is too far from the policy, see
   above), ``bf16`` on a CUDA device that supports it, else ``exact``.
 

@@ -1,10 +1,10 @@
 """Weight averaging of fine-tuned policies and interpolation toward the reference: pure functions over state dicts.
 
-Two policies fine-tuned from the same initialisation theta_ref with different seeds share the direction the reward
-pays for and differ in the directions their gradient noise took. Averaging their task vectors theta_m - theta_ref
-keeps the first and shrinks the second (independent noise: its squared norm falls as 1/M), and since the KL to
-pi_ref is to second order a quadratic form in theta - theta_ref, the part of the KL that the noise bought shrinks
-with it. Scaling the averaged task vector then walks the line from pi_ref through the merge:
+The premise of averaging: two policies fine-tuned from the same initialisation theta_ref with different seeds share
+the direction the reward pays for and differ in the directions their gradient noise took. Averaging their task
+vectors theta_m - theta_ref keeps the first and shrinks the second (independent noise: its squared norm falls as
+1/M), and since the KL to pi_ref is to second order a quadratic form in theta - theta_ref, whatever KL the noise
+bought shrinks with it. (On the embedded model's openings task the noise bought almost none: docs/frontier.md.) Scaling the averaged task vector then walks the line from pi_ref through the merge:
 
     theta(lam) = theta_ref + lam * ( (1/M) sum_m theta_m  -  theta_ref )
 
@@ -64,7 +64,8 @@ def task_vector_cosine(ref_state: Mapping[str, Tensor], a_state: Mapping[str, Te
     for key, ref in ref_state.items():
         if not torch.is_floating_point(ref):
             continue
-        da, db = a_state[key].to(torch.float64) - ref.to(torch.float64), b_state[key].to(torch.float64) - ref.to(torch.float64)
+        base = ref.to(torch.float64)
+        da, db = a_state[key].to(torch.float64) - base, b_state[key].to(torch.float64) - base
         dot += float((da * db).sum())
         norm_a += float((da * da).sum())
         norm_b += float((db * db).sum())
