@@ -42,6 +42,13 @@ Methods (tilt's recipes called directly, not through the command line):
     python benchmarks/frontier.py --method kl-rl --tag s0 --seed 0 --keep-weights ...
     python benchmarks/frontier.py --method kl-rl --tag s1 --seed 1 --keep-weights ...
     python benchmarks/frontier.py --method merge --tag s0s1 --of kl-rl.s0 kl-rl.s1 --scales 0 0.5 1 1.5 ...
+
+The geometry of the step (kl-rl, ppo, ctrl, vbon): ``--optimizer sgd`` (plain SGD, Euclidean steps) or ``--optimizer
+kfac`` (``tilt.engine.kfac``: the natural gradient, steepest per unit KL, with K-FAC factors of pi_ref's Fisher and a
+trust region of ``--lr`` nats per step) against AdamW's per-coordinate steps::
+
+    python benchmarks/frontier.py --method kl-rl --tag sgd2e-4 --optimizer sgd --lr 2e-4 ...
+    python benchmarks/frontier.py --method kl-rl --tag kfac --optimizer kfac --lr 0.005 ...
 """
 from __future__ import annotations
 
@@ -87,6 +94,8 @@ def parse(argv=None):
                    "frontier recomputed on them (default: all of them; the shipped frontier has 100)")
     p.add_argument("--train-prompts", type=int, default=None, help="train on the first P training openings (default: all 240; "
                    "ctrl, vbon and bc-bon sample the reference for each)")
+    p.add_argument("--train-on-eval", action="store_true", help="train on the evaluated prompts themselves (the frontier's "
+                   "first --eval-prompts), not the training openings: how close training gets where it need not generalise")
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--samples-per-prompt", type=int, default=4)
     p.add_argument("--lr", type=float, default=None, help="default: the method's own (DEFAULT_LR)")
@@ -99,6 +108,15 @@ def parse(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     p.add_argument("--kl-penalty", choices=("reward", "loss", "full"), default="reward",
                    help="kl-rl, ppo, ctrl, vbon: where the KL goes (KLRLConfig.kl_penalty; 'full' = whole-vocabulary per-token KL)")
+    p.add_argument("--optimizer", choices=("adamw", "sgd", "kfac"), default="adamw",
+                   help="kl-rl, ppo, ctrl, vbon: KLRLConfig.optimizer (default adamw; sgd is plain SGD), or kfac: the natural gradient "
+                        "(tilt.engine.kfac, K-FAC factors of the reference's Fisher, linear layers only, embeddings and norms frozen), "
+                        "where --lr is the KL per step of its trust region; to compare the geometry of the step")
+    p.add_argument("--linear-only", action="store_true", help="kl-rl, ppo, ctrl, vbon: train the weights of the linear layers "
+                   "alone, embeddings and norms frozen (what --optimizer kfac trains), to compare optimizers on the same parameters")
+    p.add_argument("--fisher-samples", type=int, default=128, help="kfac: reference samples (4 of each training opening) of "
+                   "the Fisher at pi_ref (default 128)")
+    p.add_argument("--kfac-damping", type=float, default=0.1, help="kfac: relative damping of each Kronecker factor (default 0.1)")
     p.add_argument("--lora", type=int, default=0, help="train a LoRA adapter of this rank (tilt.engine.lora; alpha 2r) instead of "
                                                        "every weight; 0 = full fine-tuning (default)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "auto"),
@@ -127,6 +145,12 @@ def parse(argv=None):
         p.error(f"--coefficients takes one value per --of run: {len(args.coefficients)} for {len(args.of)}")
     if args.method == "merge" and sorted(args.scales) != args.scales:
         p.error(f"--scales must be ascending, got {args.scales}")
+    if (args.optimizer != "adamw" or args.linear_only) and args.method not in ("kl-rl", "ppo", "ctrl", "vbon"):
+        p.error(f"--optimizer and --linear-only apply to kl-rl, ppo, ctrl and vbon, not {args.method}")
+    if args.optimizer == "kfac" and (args.lr is None or args.lora):
+        p.error("--optimizer kfac needs --lr (its KL per step in nats, e.g. 0.005) and full fine-tuning (no --lora)")
+    if args.train_on_eval and args.train_prompts is not None:
+        p.error("--train-on-eval trains on the evaluated prompts; it does not take --train-prompts")
     if args.keep_weights and args.lora:
         p.error("--keep-weights saves full fine-tuned weights; it does not take --lora")
     return args
@@ -205,9 +229,12 @@ def run_method(args, frontier, policy, ref, reward_fn, train_prompts, on_step, n
         from tilt.recipes.common import derive_seed
 
         cal = build_calibration(ref, reward_fn, train_prompts, args.calibration_samples, seed=derive_seed(args.seed, "calibration"))
-        config = kl_rl.KLRLConfig(beta=beta, samples_per_prompt=args.samples_per_prompt, kl_penalty=args.kl_penalty, **common)
-        note(kl_rl.config_dict(config))
-        kl_rl.train(config, policy, ref, BestOfNReward(reward_fn, SampleCDF(cal), args.best_of), train_prompts, on_step=hook)
+        optimizer, extra = step_optimizer(args, policy, train_prompts, lr)
+        config = kl_rl.KLRLConfig(beta=beta, samples_per_prompt=args.samples_per_prompt, kl_penalty=args.kl_penalty,
+                                  optimizer="sgd" if args.optimizer == "sgd" else "adamw", **common)
+        note({**kl_rl.config_dict(config), **extra})
+        kl_rl.train(config, policy, ref, BestOfNReward(reward_fn, SampleCDF(cal), args.best_of), train_prompts, optimizer=optimizer,
+                    on_step=hook)
         return
     if args.method in ("kl-rl", "ppo", "ctrl"):
         reward = reward_fn
@@ -217,10 +244,12 @@ def run_method(args, frontier, policy, ref, reward_fn, train_prompts, on_step, n
 
             cal = build_calibration(ref, reward_fn, train_prompts, args.calibration_samples, seed=derive_seed(args.seed, "calibration"))
             reward = CalibratedReward(reward_fn, cal)
+        optimizer, extra = step_optimizer(args, policy, train_prompts, lr)
         config = kl_rl.KLRLConfig(beta=beta, samples_per_prompt=args.samples_per_prompt, kl_penalty=args.kl_penalty,
-                                  ppo_epochs=4 if args.method == "ppo" else 1, **common)
-        note(kl_rl.config_dict(config))
-        kl_rl.train(config, policy, ref, reward, train_prompts, on_step=hook)
+                                  ppo_epochs=4 if args.method == "ppo" else 1, optimizer="sgd" if args.optimizer == "sgd" else "adamw",
+                                  **common)
+        note({**kl_rl.config_dict(config), **extra})
+        kl_rl.train(config, policy, ref, reward, train_prompts, optimizer=optimizer, on_step=hook)
         return
     if args.method == "dpg":
         from tilt.target import TiltedTarget
@@ -250,6 +279,40 @@ def run_method(args, frontier, policy, ref, reward_fn, train_prompts, on_step, n
         bc.train(config, policy, demos, on_step=hook)
         return
     run_trl(args, policy, reward_fn, train_prompts, on_step, lr, beta, note)
+
+
+def step_optimizer(args, policy, train_prompts, lr: float):
+    """(optimizer, settings to record): None for adamw and sgd, which the recipe builds from its config over the
+    trainable parameters (with ``--linear-only``, the linear layers' weights alone); for kfac, the natural gradient on
+    the linear layers (everything else frozen) with K-FAC factors fitted to the Fisher
+    of the initial policy, pi_ref, from its own samples of the first training openings, and ``lr`` as its KL per
+    step. The fitting's time falls in the first step's training time."""
+    from tilt.engine.kfac import KFACNaturalGradient, linear_layers
+
+    if args.optimizer != "kfac" and not args.linear_only:
+        return None, {}
+    layers = linear_layers(policy.model)
+    if not layers:
+        raise ValueError("the model has no torch.nn.Linear layers to train alone (GPT-2's projections are transformers' Conv1D)")
+    trained = {id(m.weight) for m in layers}
+    for p in policy.model.parameters():
+        p.requires_grad_(id(p) in trained)
+    if args.optimizer != "kfac":  # the recipe builds its optimizer over the parameters left trainable
+        return None, {"linear_only": True, "trained_parameters": sum(m.weight.numel() for m in layers)}
+    from tilt.recipes.common import derive_seed
+
+    optimizer = KFACNaturalGradient(layers, kl_per_step=lr, damping=args.kfac_damping)
+    g = torch.Generator().manual_seed(derive_seed(args.seed, "fisher"))
+    k, per_batch = 4, 8
+    prompts = [train_prompts[i % len(train_prompts)] for i in range(max(1, args.fisher_samples // k))]
+    t0 = time.perf_counter()
+    info = optimizer.fit_fisher(policy, (policy.sample(prompts[i:i + per_batch], k, generator=g, exact=True)
+                                         for i in range(0, len(prompts), per_batch)))
+    seconds = time.perf_counter() - t0
+    print(f"  [kfac] Fisher of pi_ref from {info['fisher_sequences']:.0f} samples ({info['fisher_positions']:.0f} positions), "
+          f"{len(layers)} linear layers, {seconds:.0f} s", flush=True)
+    return optimizer, {"optimizer": "kfac", "kl_per_step": lr, "kfac_damping": args.kfac_damping, "fisher_seconds": seconds,
+                       "trained_parameters": sum(m.weight.numel() for m in layers), **info}
 
 
 def run_trl(args, policy, reward_fn, train_prompts, on_step, lr: float, beta: float, note) -> None:
@@ -381,9 +444,12 @@ def run(args) -> int:
     policy = HFPolicy(model, tokenizer, sampling, compute_dtype=compute)
     reward_fn = reward_from_spec(args.reward)
     evaluate = Evaluator(frontier, ref, reward_fn, args.eval_samples, args.seed)
-    train_prompts = task_prompts("train")[:args.train_prompts]
+    if args.train_on_eval and not frontier.data.get("prompts"):
+        raise SystemExit(f"{args.frontier} does not list its prompts, so --train-on-eval cannot train on them")
+    train_prompts = list(frontier.data["prompts"]) if args.train_on_eval else task_prompts("train")[:args.train_prompts]
     start = time.perf_counter()
     record = {"method": args.method, "name": name, "args": vars(args), "frontier": str(args.frontier), "evals": [], "done": False,
+              "train_prompts": len(train_prompts),
               "load": open("/proc/loadavg").read().split()[:3]}
 
     def evaluate_now(step: int) -> None:

@@ -258,6 +258,47 @@ def test_benchmark_variants_sit_side_by_side(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_benchmark_optimizers_reach_the_recipe(tmp_path):
+    """--optimizer sgd reaches KLRLConfig; --optimizer kfac trains the linear layers of a Llama alone, records its
+    Fisher, and refuses a GPT-2 (Conv1D projections) with a message that says so."""
+    from safetensors.torch import load_file
+
+    from tilt.engine.tiny import char_tokenizer, tiny_llama
+
+    bench, argv = tiny_benchmark(tmp_path, "kl-rl")
+    runs = tmp_path / "runs"
+    assert bench.main(argv + ["--tag", "sgd", "--optimizer", "sgd"]) == 0
+    sgd = json.loads((runs / "kl-rl.sgd.json").read_text())
+    assert sgd["config"]["optimizer"] == "sgd" and sgd["evals"][-1]["kl_ref"] != 0 and sgd["train_prompts"] == 240
+    assert bench.main(argv + ["--tag", "own", "--train-on-eval"]) == 0  # trains on the frontier's 2 prompts
+    assert json.loads((runs / "kl-rl.own.json").read_text())["train_prompts"] == 2
+    with pytest.raises(ValueError, match="Conv1D"):
+        bench.main(argv + ["--tag", "kfac-gpt2", "--optimizer", "kfac"])
+    with pytest.raises(ValueError, match="Conv1D"):
+        bench.main(argv + ["--tag", "lin-gpt2", "--linear-only"])
+    tok = char_tokenizer("abcdefghijklmnopqrstuvwxyz ,.;:'")
+    tiny_llama(len(tok), hidden_size=16, intermediate_size=32, heads=2, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id).save_pretrained(tmp_path / "m")
+    kfac_argv = [a if a != "1e-2" else "0.05" for a in argv] + ["--tag", "kfac", "--optimizer", "kfac", "--fisher-samples", "8",
+                                                                "--keep-weights"]
+    assert bench.main(kfac_argv) == 0
+    kfac = json.loads((runs / "kl-rl.kfac.json").read_text())
+    assert kfac["config"]["optimizer"] == "kfac" and kfac["config"]["kl_per_step"] == 0.05
+    assert kfac["config"]["fisher_sequences"] == 8 and kfac["evals"][-1]["kl_ref"] > 0
+    from transformers import AutoModelForCausalLM
+
+    initial = AutoModelForCausalLM.from_pretrained(tmp_path / "m").state_dict()
+    trained = load_file(kfac["weights"])
+    moved = {k for k, v in trained.items() if k in initial and not torch.equal(v, initial[k])}
+    assert moved and all(k.endswith("proj.weight") for k in moved)
+    assert bench.main(argv + ["--tag", "lin", "--linear-only", "--keep-weights"]) == 0  # AdamW on the same parameters
+    lin = json.loads((runs / "kl-rl.lin.json").read_text())
+    assert lin["config"]["linear_only"] and lin["config"]["optimizer"] == "adamw"
+    moved = {k for k, v in load_file(lin["weights"]).items() if k in initial and not torch.equal(v, initial[k])}
+    assert moved and all(k.endswith("proj.weight") for k in moved)
+
+
+@pytest.mark.slow
 def test_benchmark_merges_kept_runs_and_walks_toward_the_reference(tmp_path, capsys):
     """--keep-weights saves each run; --method merge evaluates theta_ref + lam (mean theta_m - theta_ref): lam 0 is the
     reference itself (KL 0), lam 1 of one run that run's final policy; the merge's training time is its runs'."""
@@ -380,3 +421,36 @@ def test_frontier_evaluation_reads_the_kl_over_the_whole_vocabulary():
     assert m["frontier_win_rate"] == pytest.approx(frontier.wr_star(m["kl_ref"]))
     # per sample, the full KL is the conditional expectation of the log-ratio given the prefixes: same mean, less spread
     assert draws.seq_kl_full.var() < draws.seq_log_ratio.var()
+
+
+@pytest.mark.slow
+def test_kl_decomposition_splits_the_kl_at_the_entropy_floor(tmp_path, capsys):
+    """benchmarks/kl_decomposition.py: the reference at a temperature spends its whole KL on its entropy (floor share
+    1); a perturbed policy has a floor no larger than its KL; the reference itself has KL 0."""
+    from safetensors.torch import save_model
+
+    from tilt.engine.tiny import char_tokenizer, tiny_llama
+
+    spec = importlib.util.spec_from_file_location("kl_decomposition", ROOT / "benchmarks" / "kl_decomposition.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    tok = char_tokenizer("abcdefghijklmnopqrstuvwxyz ,.;:'")
+    model = tiny_llama(len(tok), hidden_size=16, intermediate_size=32, heads=2, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():  # logits far from uniform (the tied embedding is the LM head), so that tempering costs KL
+        model.get_input_embeddings().weight.mul_(20.0)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    save_model(model, str(tmp_path / "moved.safetensors"))
+    (tmp_path / "rw.py").write_text("def count_e(prompts, completions, **k):\n    return [float(c.count('e')) for c in completions]\n")
+    out = tmp_path / "rows.json"
+    assert script.main(["--model", str(tmp_path / "m"), "--reward", f"{tmp_path / 'rw.py'}:count_e", "--weights",
+                        str(tmp_path / "moved.safetensors"), "--scales", "0", "1", "--temperatures", "0.7", "--prompts", "8",
+                        "--samples", "2", "--max-new-tokens", "5", "--out", str(out)]) == 0
+    tempered, ref_itself, moved = json.loads(out.read_text())["rows"]
+    assert tempered["kl"] > 0.05 and tempered["floor_share"] == pytest.approx(1.0, abs=1e-3)
+    assert abs(ref_itself["kl"]) < 1e-5 and ref_itself["floor"] < 1e-5
+    assert moved["kl"] > 0.05 and 0 <= moved["floor"] <= moved["kl"] + 1e-9
+    assert "entropy floor" in capsys.readouterr().out

@@ -33,6 +33,8 @@ k2 and k3 in the reward do not give the KL gradient.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -86,6 +88,36 @@ def full_token_kl(token_log_probs: Tensor, ref_token_log_probs: Tensor, completi
     """
     kl_t = (token_log_probs.exp() * (token_log_probs - ref_token_log_probs)).sum(-1)  # (B, T)
     return torch.where(completion_mask, kl_t, 0.0).sum(-1)
+
+
+def entropy(log_probs: Tensor) -> Tensor:
+    """(...,) entropy -sum_v p(v) log p(v) of the distributions whose log-probabilities are the last dimension."""
+    return -(log_probs.exp() * log_probs).sum(-1)
+
+
+def entropy_floor_kl(ref_log_probs: Tensor, target_entropy: Tensor, *, iterations: int = 40) -> tuple[Tensor, Tensor]:
+    """(KL floor, lam): the least KL(p || q) of any distribution p over the vocabulary with entropy H(p) equal to
+    ``target_entropy``, and the inverse temperature lam of the distribution that attains it.
+
+    ref_log_probs: (..., V) log q; target_entropy: (...). KL(p || q) = -H(p) - E_p[log q], so at fixed H(p) the
+    least KL maximises the linear E_p[log q] over {H(p) >= h} (convex, as H is concave), whose maximiser lies on
+    H = h and is, by its Lagrangian, the tempered q_lam ∝ q^lam: lam > 1 where h < H(q) (sharper), lam < 1 where
+    h > H(q). H(q_lam) falls with lam (dH/dlam = -lam Var_{q_lam}(log q)), so lam is found by bisection in log lam
+    over [1e-2, 1e3]; targets outside the entropies reachable there are clamped to its ends. The floor is what a
+    policy's change of entropy alone costs at that position, whatever else it changes: KL(pi_t || q_t) minus the
+    floor is the part of the KL spent other than on the entropy change. Computed in float64."""
+    log_q = ref_log_probs.double()
+    h = target_entropy.double()
+    lo = torch.full_like(h, math.log(1e-2))
+    hi = torch.full_like(h, math.log(1e3))
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        too_sharp = entropy(torch.log_softmax(mid.exp()[..., None] * log_q, -1)) < h  # lam too large: lower it
+        hi = torch.where(too_sharp, mid, hi)
+        lo = torch.where(too_sharp, lo, mid)
+    lam = (0.5 * (lo + hi)).exp()
+    log_p = torch.log_softmax(lam[..., None] * log_q, -1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0.0), lam
 
 
 KL_ESTIMATORS = {"k1": k1, "k2": k2, "k3": k3}
