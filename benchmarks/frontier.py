@@ -292,8 +292,6 @@ def step_optimizer(args, policy, train_prompts, lr: float):
     if args.optimizer != "kfac" and not args.linear_only:
         return None, {}
     layers = linear_layers(policy.model)
-    if not layers:
-        raise ValueError("the model has no torch.nn.Linear layers to train alone (GPT-2's projections are transformers' Conv1D)")
     trained = {id(m.weight) for m in layers}
     for p in policy.model.parameters():
         p.requires_grad_(id(p) in trained)

@@ -30,7 +30,7 @@ def decompose(policy, ref, prompts, samples: int, reward_fn, seed: int, temperat
     """Per-sequence sums over the policy's own samples of KL_t, its entropy floor, H(pi_t) and H(q_t), with means
     and 95% intervals over prompts (a normal interval of the per-prompt means); ``temperature`` divides the
     policy's logits (1: the policy itself)."""
-    from tilt.math.kl import entropy, entropy_floor_kl
+    from tilt.math.kl import entropy, entropy_floor_kl, full_token_kl
 
     g = torch.Generator().manual_seed(seed)
     rows = {"kl": [], "floor": [], "h_pi": [], "h_ref": [], "reward": [], "tokens": []}
@@ -42,10 +42,10 @@ def decompose(policy, ref, prompts, samples: int, reward_fn, seed: int, temperat
             log_q = ref.token_log_softmax(rollout)
         mask = rollout.completion_mask
         h_pi, h_q = entropy(log_pi), entropy(log_q)
-        kl_t = (log_pi.exp() * (log_pi - log_q)).sum(-1)
         floor_t, _ = entropy_floor_kl(log_q, h_pi)
         rewards = torch.as_tensor(reward_fn(rollout.prompts, rollout.completions), dtype=torch.float64)
-        for name, value in (("kl", kl_t), ("floor", floor_t), ("h_pi", h_pi), ("h_ref", h_q)):
+        rows["kl"].append(full_token_kl(log_pi, log_q, mask).double().view(len(batch), samples).mean(-1))
+        for name, value in (("floor", floor_t), ("h_pi", h_pi), ("h_ref", h_q)):
             rows[name].append(torch.where(mask, value.double(), 0.0).sum(-1).view(len(batch), samples).mean(-1))
         rows["reward"].append(rewards.view(len(batch), samples).mean(-1))
         rows["tokens"].append(mask.sum(-1).double().view(len(batch), samples).mean(-1))

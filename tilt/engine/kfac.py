@@ -25,9 +25,13 @@ from tilt.math.kfac import covariance_factor, damped_inverse, precondition, trus
 
 def linear_layers(model: nn.Module) -> list[nn.Linear]:
     """The ``nn.Linear`` modules of ``model`` whose weight is not shared with an embedding (a tied LM head is the
-    embedding matrix: its input-side factor would be (V, V))."""
+    embedding matrix: its input-side factor would be (V, V)). Raises if there are none."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    return [m for m in model.modules() if isinstance(m, nn.Linear) and id(m.weight) not in embeddings]
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear) and id(m.weight) not in embeddings]
+    if not layers:
+        raise ValueError("the model has no torch.nn.Linear layers besides a tied LM head (GPT-2's projections are "
+                         "transformers' Conv1D, which this does not take)")
+    return layers
 
 
 class KFACNaturalGradient(torch.optim.Optimizer):
@@ -39,8 +43,7 @@ class KFACNaturalGradient(torch.optim.Optimizer):
 
     def __init__(self, linears: Sequence[nn.Linear], kl_per_step: float, *, momentum: float = 0.9, damping: float = 0.1):
         if not linears:
-            raise ValueError("no linear layers to precondition: K-FAC here takes torch.nn.Linear layers (GPT-2's projections are "
-                             "transformers' Conv1D, which it does not)")
+            raise ValueError("no linear layers to precondition (tilt.engine.kfac.linear_layers lists a model's)")
         if not 0 <= momentum < 1 or damping <= 0 or kl_per_step < 0:
             raise ValueError(f"need 0 <= momentum < 1, damping > 0 and kl_per_step >= 0; got {momentum}, {damping}, {kl_per_step}")
         if any(m.bias is not None for m in linears):
@@ -50,7 +53,6 @@ class KFACNaturalGradient(torch.optim.Optimizer):
         self.damping = damping
         self.a_inverse: list[Tensor] = []
         self.g_inverse: list[Tensor] = []
-        self.fisher_positions = 0
         self.last_quadratic = math.nan
         self.last_step_length = math.nan
 
@@ -71,11 +73,11 @@ class KFACNaturalGradient(torch.optim.Optimizer):
                 if not mask_now:  # a forward pass outside the scoring of a rollout (the rollouts may be drawn lazily)
                     return
                 x = inputs[0].reshape(-1, inputs[0].shape[-1]).detach()
-                s, _ = covariance_factor(x, mask_now[0])
+                s = covariance_factor(x, mask_now[0])
                 a_sums[i] = s if a_sums[i] is None else a_sums[i] + s
 
                 def grad_hook(grad):
-                    s, _ = covariance_factor(grad.reshape(-1, grad.shape[-1]))
+                    s = covariance_factor(grad.reshape(-1, grad.shape[-1]))
                     g_sums[i] = s if g_sums[i] is None else g_sums[i] + s
 
                 output.register_hook(grad_hook)
@@ -101,7 +103,6 @@ class KFACNaturalGradient(torch.optim.Optimizer):
             raise ValueError("the Fisher pass reached no layer: give at least one rollout of the model these layers belong to")
         self.a_inverse = [damped_inverse(s / counted, self.damping) for s in a_sums]
         self.g_inverse = [damped_inverse(s / sequences, self.damping) for s in g_sums]
-        self.fisher_positions = int(counted)
         return {"fisher_sequences": float(sequences), "fisher_positions": float(counted)}
 
     @torch.no_grad()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tilt.math.kl import entropy as row_entropy
+
 
 def _plogp_ratio(logp: Tensor, logq: Tensor) -> Tensor:
     """p * (log p - log q), with 0 where p = 0."""
@@ -23,8 +25,7 @@ def kl(logp: Tensor, logq: Tensor) -> Tensor:
 
 def entropy(logp: Tensor) -> Tensor:
     """H(p) = -sum_y p(y) log p(y), averaged over contexts. logp: (C, N). Returns a scalar."""
-    p = logp.exp()
-    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1).mean()
+    return row_entropy(logp).mean()
 
 
 def expectation(logp: Tensor, values: Tensor) -> Tensor:

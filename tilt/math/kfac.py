@@ -20,17 +20,17 @@ import torch
 from torch import Tensor
 
 
-def covariance_factor(rows: Tensor, weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Sum of outer products of the rows and the total weight: (sum_n w_n x_n x_n^T, sum_n w_n).
+def covariance_factor(rows: Tensor, weights: Tensor | None = None) -> Tensor:
+    """(d, d) sum of outer products of the rows, sum_n w_n x_n x_n^T; a factor is this sum over batches divided by
+    the number of positions (or sequences) it counts.
 
     ``rows``: (N, d), any float dtype, computed in float32. ``weights``: (N,) (a 0/1 mask of the positions that count),
-    or None for all ones. A factor is the ratio of the two, accumulated over batches."""
+    or None for all ones."""
     x = rows.float()
     with torch.autocast(device_type=x.device.type, enabled=False):  # called from hooks inside an autocast forward pass
         if weights is None:
-            return x.T @ x, torch.tensor(float(x.shape[0]))
-        w = weights.float()
-        return (x * w[:, None]).T @ x, w.sum()
+            return x.T @ x
+        return (x * weights.float()[:, None]).T @ x
 
 
 def damped_inverse(factor: Tensor, damping: float) -> Tensor:

@@ -91,8 +91,10 @@ def full_token_kl(token_log_probs: Tensor, ref_token_log_probs: Tensor, completi
 
 
 def entropy(log_probs: Tensor) -> Tensor:
-    """(...,) entropy -sum_v p(v) log p(v) of the distributions whose log-probabilities are the last dimension."""
-    return -(log_probs.exp() * log_probs).sum(-1)
+    """(...,) entropy -sum_v p(v) log p(v) of the distributions whose log-probabilities are the last dimension
+    (outcomes of probability 0, log-probability -inf, count 0)."""
+    p = log_probs.exp()
+    return -torch.where(p > 0, p * log_probs, torch.zeros_like(p)).sum(-1)
 
 
 def entropy_floor_kl(ref_log_probs: Tensor, target_entropy: Tensor, *, iterations: int = 40) -> tuple[Tensor, Tensor]:
