@@ -493,6 +493,49 @@ def run(args) -> int:
     return 0
 
 
+GOALS = {"best": 0.9, "kl-rl": 0.7}
+"""The frontier issue's goals at KL 1 nat: the best tilt method's efficiency, and KL-RL's (docs/frontier.md)."""
+GOAL_KL = 1.0
+
+
+def goal_check(records: dict[str, dict], kl: float = GOAL_KL) -> list[str]:
+    """Lines that say how far the runs of one directory are from the goals at ``kl``: the best tilt run and the best
+    KL-RL run (by efficiency; a maximum over noisy runs, so if anything optimistic) against ``GOALS``, and against the
+    best TRL run at the same KL, with whether their intervals separate. Runs trained on the evaluated prompts
+    (``--train-on-eval``) are not held-out runs and are left out; so are unfinished ones."""
+    read = {}
+    for name, rec in records.items():
+        r = (rec.get("read_off") or {}).get(str(kl))
+        if r is not None and rec.get("done") and not rec["args"].get("train_on_eval"):
+            read[name] = (rec["method"], r)
+    def best(keep):
+        cands = [(r["efficiency"], name, r) for name, (method, r) in read.items() if keep(method)]
+        return max(cands, key=lambda c: c[0]) if cands else None
+    tilt_best = best(lambda m: not m.startswith("trl-"))
+    klrl_best = best(lambda m: m == "kl-rl")
+    trl_best = best(lambda m: m.startswith("trl-"))
+    lines = [f"goals at KL {kl:g} (docs/frontier.md): the best tilt method >= {GOALS['best']}, KL-RL >= {GOALS['kl-rl']}, both ahead of TRL"]
+    for label, found, goal in (("best tilt run", tilt_best, GOALS["best"]), ("best KL-RL run", klrl_best, GOALS["kl-rl"])):
+        if found is None:
+            lines.append(f"  {label}: none reached KL {kl:g}")
+            continue
+        eff, name, r = found
+        lo, hi = r["efficiency_ci"]
+        if eff >= goal:
+            verdict = "met" if lo >= goal else "met at the estimate, the interval reaching below"
+        else:
+            verdict = f"short by {goal - eff:.2f}" + (f" (the interval's top is {goal - hi:.2f} short)" if hi < goal else ", within the interval")
+        lines.append(f"  {label}: {name} {eff:.2f} [{lo:.2f}, {hi:.2f}] against {goal}: {verdict}")
+    if tilt_best is not None and trl_best is not None:
+        (e1, n1, r1), (e2, n2, r2) = tilt_best, trl_best
+        apart = r1["efficiency_ci"][0] > r2["efficiency_ci"][1] or r2["efficiency_ci"][0] > r1["efficiency_ci"][1]
+        lines.append(f"  against TRL: {n1} {e1:.2f} and {n2} {e2:.2f}, difference {e1 - e2:+.2f}: "
+                     f"{'the intervals separate' if apart else 'the intervals overlap, so neither is shown ahead'}")
+    else:
+        lines.append("  against TRL: no TRL run in this directory reached that KL")
+    return lines
+
+
 def table(args) -> int:
     from tilt.cli.output import table as fmt_table
     from tilt.frontier import Frontier, plot_frontier
@@ -525,6 +568,8 @@ def table(args) -> int:
                       f"{r['evals'][-1]['win_rate']:.3f}", f"{r['evals'][-1]['efficiency']:.2f}", f"{r.get('train_seconds', math.nan):.0f}",
                       f"{r.get('train_seconds', math.nan) / max(r['evals'][-1]['step'], 1):.1f}", f"{r.get('wall_seconds', math.nan):.0f}",
                       " ".join(r.get("load", []))] for m, r in records.items()]))
+    print()
+    print("\n".join(goal_check(records)))
     plot = plot_frontier(frontier, out / "frontier.png", runs=runs)
     print(f"plot: {plot}")
     return 0

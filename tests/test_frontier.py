@@ -454,3 +454,28 @@ def test_kl_decomposition_splits_the_kl_at_the_entropy_floor(tmp_path, capsys):
     assert abs(ref_itself["kl"]) < 1e-5 and ref_itself["floor"] < 1e-5
     assert moved["kl"] > 0.05 and 0 <= moved["floor"] <= moved["kl"] + 1e-9
     assert "entropy floor" in capsys.readouterr().out
+
+
+def test_goal_check_says_how_far_the_runs_are_from_the_goals():
+    spec = importlib.util.spec_from_file_location("bench_frontier_goals", ROOT / "benchmarks" / "frontier.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def rec(method, eff, lo, hi, done=True, own=False):
+        return {"method": method, "done": done, "args": {"train_on_eval": own},
+                "read_off": {"1.0": {"efficiency": eff, "efficiency_ci": [lo, hi]}}}
+
+    records = {"kl-rl": rec("kl-rl", 0.45, 0.3, 0.6), "ctrl": rec("ctrl", 0.55, 0.4, 0.7),
+               "kl-rl.own": rec("kl-rl", 0.99, 0.95, 1.0, own=True),  # trained on the evaluated prompts: not held out
+               "dpg": rec("dpg", 0.97, 0.9, 1.0, done=False),  # unfinished
+               "trl-rloo": rec("trl-rloo", 0.2, 0.1, 0.29)}
+    lines = bench.goal_check(records)
+    assert "ctrl 0.55 [0.40, 0.70] against 0.9: short by 0.35 (the interval's top is 0.20 short)" in lines[1]
+    assert "kl-rl 0.45 [0.30, 0.60] against 0.7: short by 0.25 (the interval's top is 0.10 short)" in lines[2]
+    assert "difference +0.35: the intervals separate" in lines[3]
+    records["trl-rloo"] = rec("trl-rloo", 0.5, 0.35, 0.8)
+    records["kl-rl"] = rec("kl-rl", 0.75, 0.72, 0.9)
+    lines = bench.goal_check(records)
+    assert "kl-rl 0.75 [0.72, 0.90] against 0.7: met" in lines[2] and "short by 0.15, within the interval" in lines[1]
+    assert "the intervals overlap" in lines[3]
+    assert "no TRL run" in bench.goal_check({"kl-rl": rec("kl-rl", 0.5, 0.4, 0.6)})[-1]

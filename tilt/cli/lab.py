@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
     add_training_options(p)
     p.set_defaults(run=run_kl_rl_command, pure=True)
 
-    from tilt.cli import bon_lab, demo_reg, infalign, inference, preference, samplers_lab  # here: each imports only when its command runs
+    from tilt.cli import bon_lab, demo_reg, infalign, inference, path_lab, preference, samplers_lab  # here: each imports only when its command runs
 
     inference.add_lab_parsers(lab_sub)
     demo_reg.add_lab_parsers(lab_sub)
@@ -42,6 +42,7 @@ def add_parser(sub) -> None:
     preference.add_lab_parsers(lab_sub)
     samplers_lab.add_lab_parsers(lab_sub)
     bon_lab.add_lab_parsers(lab_sub)
+    path_lab.add_lab_parsers(lab_sub)
 
 
 def run_kl_rl_command(args: argparse.Namespace) -> int:
