@@ -508,6 +508,7 @@ def goal_check(records: dict[str, dict], kl: float = GOAL_KL) -> list[str]:
         r = (rec.get("read_off") or {}).get(str(kl))
         if r is not None and rec.get("done") and not rec["args"].get("train_on_eval"):
             read[name] = (rec["method"], r)
+
     def best(keep):
         cands = [(r["efficiency"], name, r) for name, (method, r) in read.items() if keep(method)]
         return max(cands, key=lambda c: c[0]) if cands else None

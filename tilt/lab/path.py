@@ -32,13 +32,15 @@ from torch import Tensor
 from tilt.lab.tabular import TabularPolicy, random_tabular_policy
 from tilt.lab.world import reward_table
 from tilt.math import exact
-from tilt.math.frontier import efficiency, frontier_curves, interpolate, on_kl_grid
+from tilt.math.frontier import efficiency, frontier_curves, on_kl_grid
 from tilt.math.infalign import exact_calibrated_reward
+from tilt.math.pg import kl_shaped_reward, leave_one_out_advantage, reinforce_loss
+from tilt.math.target import kl_regularised_value
 
 OPTIMIZERS = ("sgd", "adam", "natural")
 READ_KLS = (0.01, 0.1, 0.5, 1.0, 2.0)
-"""The KLs a path is read off at: the benchmark's 0.5, 1 and 2 nats (docs/frontier.md), 0.1, and 0.01 where a path is still its first step's
-direction (``small_kl_efficiency``)."""
+"""The KLs a path is read off at: the benchmark's 0.5, 1 and 2 nats (docs/frontier.md), 0.1, and 0.01 where a path
+is still its first step's direction (``small_kl_efficiency``)."""
 
 
 @dataclass(frozen=True)
@@ -105,20 +107,16 @@ def _objective_grad(policy: TabularPolicy, ref_logp: Tensor, rewards: Tensor, co
     """The gradient of J (exact over the support) or its REINFORCE estimate, with respect to the logits."""
     policy.logits.grad = None
     if config.samples == 0:
-        logp = policy.support_logprobs()
-        p = logp.exp()
-        per_context = (p * rewards).sum(-1) - config.beta * (p * (logp - ref_logp)).sum(-1)
-        per_context.mean().backward()
+        kl_regularised_value(policy.support_logprobs(), ref_logp, rewards, beta=config.beta).backward()
     else:
         n = config.samples
         rollout = policy.sample(list(range(config.contexts)), n, generator=generator)
         code = policy.sequence_code(rollout.completion_ids)  # (C n,)
         ctx = rollout.prompt_ids[:, 0]
-        seq_logp = policy.token_logprobs(rollout).sum(-1)  # (C n,)
-        shaped = rewards[ctx, code] - config.beta * (seq_logp.detach() - ref_logp[ctx, code])
-        shaped = shaped.view(config.contexts, n)
-        advantage = (shaped - (shaped.sum(-1, keepdim=True) - shaped) / (n - 1)).view(-1)  # leave-one-out baseline
-        ((advantage * seq_logp).sum() / (config.contexts * n)).backward()
+        token_logp = policy.token_logprobs(rollout)  # (C n, L)
+        shaped = kl_shaped_reward(rewards[ctx, code], token_logp.detach().sum(-1), ref_logp[ctx, code], beta=config.beta)
+        advantage = leave_one_out_advantage(shaped.view(config.contexts, n)).view(-1)
+        reinforce_loss(token_logp, advantage, rollout.completion_mask).mean().neg().backward()  # ascend J
     return policy.logits.grad.detach().clone()
 
 
@@ -153,8 +151,8 @@ def exact_path(config: PathConfig) -> dict:
             logp = policy.support_logprobs()
             p = logp.exp()
             kls.append(exact.kl(logp, ref_logp).item())
-            win_rates.append((p * calibrated).sum(-1).mean().item())
-            mean_rewards.append((p * rewards).sum(-1).mean().item())
+            win_rates.append(exact.expectation(logp, calibrated).item())
+            mean_rewards.append(exact.expectation(logp, rewards).item())
         if not all(map(math.isfinite, (kls[-1], win_rates[-1], mean_rewards[-1]))):  # a step overflowed the logits
             diverged = len(kls) - 1
             del kls[-1], win_rates[-1], mean_rewards[-1]
@@ -181,11 +179,11 @@ def exact_path(config: PathConfig) -> dict:
     inv_beta = torch.cat([torch.zeros(1, dtype=torch.float64), torch.logspace(-2, 3, 3000, dtype=torch.float64)])
     curves = frontier_curves(rewards, torch.ones(1), inv_beta, inv_beta, probs=ref_probs)
     grid = torch.tensor(READ_KLS, dtype=torch.float64)
-    monotone = kl_path.cummax(0).values
-    wr_at, r_at = interpolate(grid, monotone, wr_path), interpolate(grid, monotone, r_path)
+    on_path = on_kl_grid({"kl": kl_path, "win_rate": wr_path, "reward": r_path}, grid, keys=("win_rate", "reward"))
+    wr_at, r_at = on_path["win_rate"], on_path["reward"]
     wr_star = on_kl_grid(curves["tilt_calibrated"], grid)["win_rate"]
     r_star = on_kl_grid(curves["tilt_reward"], grid)["reward"]
-    r_ref = (ref_probs * rewards).sum(-1).mean()
+    r_ref = exact.expectation(ref_logp, rewards)
     reward_eff = (r_at - r_ref) / (r_star - r_ref)
     wr_eff = efficiency(wr_at, wr_star)
     read_off = {kl: {"win_rate": wr_at[i].item(), "frontier_win_rate": wr_star[i].item(), "efficiency": wr_eff[i].item(),
